@@ -288,3 +288,217 @@ def test_factories_reject_bad_arguments():
         vitc.make_scheduler(opt, total_steps=10, warmup_steps=10)
     with pytest.raises(ValueError, match="floor"):
         vitc.make_scheduler(opt, total_steps=10, warmup_steps=1, floor=2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py: runs on a tiny ImageFolder of generated JPEGs
+# ------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = ("cat", "dog", "fox"), 8, 3  # 9 val: odd, for 2 ranks
+
+
+def write_images(folder, count, seed):
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    for c, name in enumerate(CLASSES):
+        write_images(root / "train" / name, TRAIN_PER_CLASS, seed=c)
+        write_images(root / "val" / name, VAL_PER_CLASS, seed=100 + c)
+    return root
+
+
+def tiny(data, out, *extra):
+    """Arguments of a run that takes seconds: 32 px, global batch 8, 3 steps per epoch."""
+    return ["--data", str(data), "--out", str(out), "--model", "vitc_1gf", "--img-size", "32",
+            "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--ema-period", "1",
+            "--workers", "0", *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def full_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert train.cli(tiny(data, out, "--workers", "1")) == 0
+    return out
+
+
+def test_single_process_run_writes_checkpoint_args_and_log(full_run):
+    args = json.loads((full_run / "args.json").read_text())
+    assert args["model"] == "vitc_1gf" and args["lr"] == 1e-3 and args["wd"] == 0.24
+    log = read_log(full_run)
+    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 2 * 3
+    for record in log:
+        for key in ("lr", "train_loss", "val_top1", "val_top5", "ema_top1", "ema_top5",
+                    "epoch_time", "images_per_sec"):
+            assert math.isfinite(record[key]), key
+        assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS
+    ckpt = load(full_run / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 6) and ckpt["args"]["model"] == "vitc_1gf"
+    assert ckpt["scheduler"]["last_epoch"] == 6 and len(ckpt["rng"]) == 1
+    model = vitc.create_model("vitc_1gf", num_classes=3, img_size=32)
+    model.load_state_dict(ckpt["model"])  # plain keys: unwrapped, uncompiled
+    assert load(full_run / "best.pt")["model"].keys() == ckpt["ema"].keys()
+    assert not list(full_run.glob("*.tmp"))
+
+
+def test_resume_after_epoch_1_gives_the_same_weights(data, full_run, tmp_path):
+    assert train.cli(tiny(data, tmp_path, "--workers", "1", "--stop-after", "1")) == 0
+    assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert train.cli(tiny(data, tmp_path, "--workers", "1", "--resume", "auto")) == 0
+    resumed, full = load(tmp_path / "checkpoint.pt"), load(full_run / "checkpoint.pt")
+    for part in ("model", "ema"):
+        for key, value in full[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+    assert read_log(tmp_path) == [dict(r, epoch_time=r2["epoch_time"],
+                                       images_per_sec=r2["images_per_sec"])
+                                  for r, r2 in zip(read_log(full_run), read_log(tmp_path))]
+
+
+def test_torchrun_two_ranks_counts_every_val_image_once(data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "train.py"), *tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = read_log(tmp_path)
+    assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS  # 5 on rank 0, 4 on rank 1
+    assert record["step"] == 3  # 24 images / global batch 8
+    assert len(load(tmp_path / "checkpoint.pt")["rng"]) == 2
+    assert proc.stdout.count("vitc_1gf:") == 1  # rank 1 prints nothing
+
+
+def test_fake_data_runs(tmp_path):
+    argv = ["--data", "fake", "--fake-size", "32", "--out", str(tmp_path), "--img-size", "32",
+            "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
+            "--stem", "patch", "--size", "1gf", "--no-autoaugment"]
+    assert train.cli(argv) == 0
+    (record,) = read_log(tmp_path)
+    assert record["val_images"] == 8 and record["step"] == 2
+
+
+def test_mixup_targets_carry_no_label_smoothing():
+    args = train.parse_args(["--data", "fake"])
+    mix = train.build_mix(args, num_classes=10)
+    torch.manual_seed(0)
+    for _ in range(10):  # smoothing is left to the loss: mixed targets touch two classes at most
+        _, targets = mix(torch.randn(6, 3, 8, 8), torch.arange(6))
+        assert targets.shape == (6, 10) and torch.allclose(targets.sum(1), torch.ones(6))
+        assert ((targets > 0).sum(1) <= 2).all()
+
+
+def test_ema_update_blends_floats_and_copies_counters():
+    model, ema = nn.BatchNorm2d(2), nn.BatchNorm2d(2)
+    model.weight.data.fill_(3.0)
+    model.num_batches_tracked += 5
+    train.update_ema(ema, model, 0.5)
+    assert torch.allclose(ema.weight, torch.full((2,), 2.0)) and ema.num_batches_tracked == 5
+
+
+def run_failing(argv, capsys, training_started=False):
+    """Runs train.py in-process, expecting exit status 2 and a one-line error (after the progress
+    bars, when training had started)."""
+    capsys.readouterr()
+    code = train.cli(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "".join(lines), lines
+    assert lines[-1].startswith("train.py: error: ") and (training_started or len(lines) == 1)
+    return lines[-1]
+
+
+def test_bad_data_folders_fail_before_training(data, tmp_path, capsys, monkeypatch):
+    assert "no such folder" in run_failing(tiny(tmp_path / "missing", tmp_path / "o"), capsys)
+    (tmp_path / "only_val" / "val").mkdir(parents=True)
+    err = run_failing(tiny(tmp_path / "only_val", tmp_path / "o"), capsys)
+    assert "only_val/train: missing" in err
+    broken = tmp_path / "broken"
+    write_images(broken / "train" / "a", 4, seed=0)
+    (broken / "train" / "empty").mkdir()
+    write_images(broken / "val" / "a", 2, seed=1)
+    assert "empty" in run_failing(tiny(broken, tmp_path / "o"), capsys)
+    monkeypatch.delenv("IMAGENET", raising=False)
+    assert "--data fake" in run_failing(["--out", str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists()  # nothing written before the checks passed
+
+
+def test_bad_arguments_fail_with_one_line(data, tmp_path, capsys):
+    err = run_failing(tiny(data, tmp_path, "--model", "vitc_2gf"), capsys)
+    assert "unknown model 'vitc_2gf'" in err and "vitc_18gf" in err
+    err = run_failing(tiny(data, tmp_path, "--batch-size", "10", "--accum-steps", "3"), capsys)
+    assert "not divisible" in err
+    assert "--epochs" in run_failing(tiny(data, tmp_path, "--warmup-epochs", "5"), capsys)
+    assert "invalid choice" in run_failing(tiny(data, tmp_path, "--stem", "hybrid"), capsys)
+    err = run_failing(tiny(data, tmp_path, "--model", "vitc_36gf", "--optimizer", "sgd"), capsys)
+    assert "no SGD settings" in err
+
+
+def test_batch_not_divisible_by_world_size_under_torchrun(data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "train.py"), *tiny(data, tmp_path, "--batch-size", "9")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--batch-size 9 is not divisible by world size 2" in proc.stderr
+
+
+def test_resume_from_another_model_is_refused(data, full_run, tmp_path, capsys):
+    resume = ["--resume", str(full_run / "checkpoint.pt")]
+    err = run_failing(tiny(data, tmp_path, "--model", "vitp_1gf", *resume), capsys)
+    assert "checkpoint has model=vitc_1gf, this run has model=vitp_1gf" in err
+    err = run_failing(tiny(data, tmp_path, "--resume", str(tmp_path / "nope.pt")), capsys)
+    assert "no such file" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, capsys, monkeypatch):
+    assert train.cli(tiny(data, tmp_path, "--stop-after", "1")) == 0
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    err = run_failing(tiny(data, tmp_path, "--resume", "auto"), capsys, training_started=True)
+    assert "loss is nan at step 4 (epoch 2)" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_finishes(tmp_path):
+    argv = ["--data", "fake", "--fake-size", "400", "--out", str(tmp_path), "--img-size", "32",
+            "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0"]
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "args.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # a few steps in
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out and "--resume auto" in out
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 0 and 0 < ckpt["step"] < 100
+    assert train.cli([*argv, "--resume", "auto"]) == 0
+    (record,) = read_log(tmp_path)
+    assert record["epoch"] == 1 and record["step"] == 100  # the remaining steps, not a restart
