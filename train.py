@@ -11,7 +11,7 @@ One file runs on one device or under torchrun (DDP: NCCL on GPUs, gloo on the CP
 DIR holds train/ and val/ in ImageFolder layout (or set IMAGENET=DIR). --data fake uses random
 images and learns nothing: it only exercises the pipeline. Defaults are the paper's peak runs
 (section 6): 400 epochs at global batch 2048, AdamW lr 1e-3 wd 0.24, 5 warmup epochs, cosine,
-RandAugment-free AutoAugment + mixup/CutMix + label smoothing, EMA of the weights for evaluation.
+AutoAugment + mixup/CutMix + label smoothing, EMA of the weights for evaluation.
 Writes OUT/args.json, OUT/log.jsonl (a line per epoch), OUT/checkpoint.pt and OUT/best.pt;
 --resume auto continues a run, SIGTERM/SIGINT checkpoints and exits cleanly.
 """
@@ -102,6 +102,21 @@ def parse_args(argv):
     args.lr = default[0] if args.lr is None else args.lr
     args.wd = default[1] if args.wd is None else args.wd
     args.out = args.out or os.path.join("runs", args.model)
+    checks = {  # every number the run depends on, checked before anything starts
+        "--img-size must be a positive multiple of 16": args.img_size >= 16 and args.img_size % 16 == 0,
+        "--epochs must be at least 1": args.epochs >= 1,
+        "need 0 <= --warmup-epochs < --epochs": 0 <= args.warmup_epochs < args.epochs,
+        "need a finite --lr > 0 and --wd >= 0": args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd),
+        "--mixup and --cutmix must be >= 0 (0 = off)": min(args.mixup, args.cutmix) >= 0,
+        "--label-smoothing must be in [0, 1)": 0 <= args.label_smoothing < 1,
+        "--ema-period, --eval-every and --fake-size must be at least 1":
+            min(args.ema_period, args.eval_every, args.fake_size) >= 1,
+        "--workers must be >= 0": args.workers is None or args.workers >= 0,
+        "--stop-after must be at least 1": args.stop_after is None or args.stop_after >= 1,
+    }
+    for message, ok in checks.items():
+        if not ok:
+            raise RunError(message)
     return args
 
 
@@ -349,10 +364,6 @@ def build_run(args, rank, world_size, device):
     if args.batch_size < 1 or args.accum_steps < 1 or args.batch_size % (world_size * args.accum_steps):
         raise RunError(f"--batch-size {args.batch_size} is not divisible by world size "
                        f"{world_size} x --accum-steps {args.accum_steps}")
-    if not 0 <= args.warmup_epochs < args.epochs:
-        raise RunError(f"need 0 <= --warmup-epochs < --epochs, got {args.warmup_epochs} and {args.epochs}")
-    if not (args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd)):
-        raise RunError(f"need a finite --lr > 0 and --wd >= 0, got {args.lr} and {args.wd}")
     run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
                              stop_signal=None, stopped=False, lr=None)
     run.train_set, val_set = build_datasets(args)

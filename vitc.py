@@ -36,9 +36,10 @@ class PatchifyStem(nn.Module):
                              f"got dim={dim}, patch_size={patch_size}, in_chans={in_chans}")
         self.in_chans, self.stride = in_chans, patch_size
         self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-        # Official init: truncated normal (at 2 std) with std sqrt(1 / fan_in), zero bias.
-        std = math.sqrt(1.0 / (in_chans * patch_size * patch_size))
-        nn.init.trunc_normal_(self.proj.weight, std=std, a=-2 * std, b=2 * std)
+        # Official init: trunc_normal_(std=sqrt(1 / fan_in)) with its default bounds of +-2
+        # (absolute, i.e. ~50 std here, so in effect a plain normal), zero bias.
+        fan_in = in_chans * patch_size * patch_size
+        nn.init.trunc_normal_(self.proj.weight, std=math.sqrt(1.0 / fan_in), a=-2.0, b=2.0)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
@@ -103,7 +104,8 @@ class Attention(nn.Module):
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D / heads)
+        q, k, v = qkv.unbind(0)  # unbind, not qkv[i]: its backward needs no zero-filled buffers
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D / heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
