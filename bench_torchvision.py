@@ -4,8 +4,9 @@ the same configuration (same width, depth, heads, MLP, stem), timed side by side
     python bench_torchvision.py --models vitp_1gf vitc_1gf vitp_4gf vitc_4gf
 
 On CUDA both run under bf16 autocast (and torch.compile with --compile); on the CPU in fp32. The
-two implementations are timed in alternating rounds so that machine noise hits both alike; the
-median step time of each is reported with the ratio torchvision / ours (above 1: ours is faster).
+two implementations take turns, one training step each, so that machine noise hits both alike;
+the median step time of each is reported with the ratio torchvision / ours (above 1: ours is
+faster).
 """
 
 import argparse
@@ -34,8 +35,7 @@ def main():
                         choices=list(vitc.VARIANTS))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each model")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -46,17 +46,17 @@ def main():
         models = {"ours": vitc.create_model(name, img_size=args.img_size).to(device),
                   "torchvision": torchvision_twin(name, args.img_size).to(device)}
         counts = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-        assert counts["ours"] == counts["torchvision"], f"configurations differ: {counts}"
-        times = {k: [] for k in models}
-        for _ in range(args.rounds):
-            for key, model in models.items():
-                times[key] += vitc.train_step_times(model, args.batch_size, args.img_size,
-                                                    args.steps, warmup=1, amp=cuda,
-                                                    compile=args.compile)
-        median = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
-        print(f"{name:<10} ours {args.batch_size / median['ours']:8.1f} img/s   torchvision "
-              f"{args.batch_size / median['torchvision']:8.1f} img/s   torchvision/ours step time "
-              f"{median['torchvision'] / median['ours']:.3f}")
+        if counts["ours"] != counts["torchvision"]:
+            raise SystemExit(f"{name}: the two models differ in size: {counts}")
+        steps = {k: vitc.make_train_step(m, args.batch_size, args.img_size, amp=cuda,
+                                         compile=args.compile) for k, m in models.items()}
+        times = vitc.time_steps(steps, args.steps)
+        median = {k: vitc.median(t) for k, t in times.items()}
+        ratios = sorted(tv / ours for ours, tv in zip(times["ours"], times["torchvision"]))
+        print(f"{name:<10} ours {args.batch_size / median['ours']:7.1f} img/s   torchvision "
+              f"{args.batch_size / median['torchvision']:7.1f} img/s   torchvision/ours step "
+              f"time: median of paired steps {vitc.median(ratios):.3f} "
+              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":

@@ -382,8 +382,10 @@ def test_resume_after_epoch_1_gives_the_same_weights(data, full_run, tmp_path):
 
 
 def test_torchrun_two_ranks_counts_every_val_image_once(data, tmp_path):
+    # Two gloo ranks, with gradient accumulation (micro-batches of 2, DDP's no_sync path).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "train.py"), *tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0")]
+           str(HERE / "train.py"), *tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0",
+                                         "--accum-steps", "2", "--workers", "1")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]

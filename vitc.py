@@ -345,18 +345,17 @@ def print_complexity_table():
                   f"{cx['acts'] / 1e6:>7.2f} {VARIANTS[name].depth:>6}  {stem_description(name)}")
 
 
-def train_step_times(model, batch_size, img_size, steps, num_classes=1000, warmup=2, amp=False,
-                     compile=False):
-    """Seconds per full training step (forward, backward, AdamW step) of any image classifier on
-    its parameters' device, one entry per timed step."""
+def make_train_step(model, batch_size, img_size, num_classes=1000, amp=False, compile=False):
+    """A function that runs one full training step (forward, backward, AdamW step) of any image
+    classifier on a fixed random batch on its parameters' device, and returns its seconds."""
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     opt = make_optimizer(model, "adamw", 1e-4, 0.05)
     run = torch.compile(model) if compile else model
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + steps):
+
+    def step():
         sync()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -365,9 +364,24 @@ def train_step_times(model, batch_size, img_size, steps, num_classes=1000, warmu
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+    return step
+
+
+def time_steps(steps, count, warmup=2):
+    """{name: [seconds of each timed call]} for a dict of step functions, called in turn one step
+    at a time so that a noisy machine slows all of them alike (compare ratios, not absolutes)."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + count):
+        for name, step in steps.items():
+            seconds = step()
+            if i >= warmup:  # warm-up steps include allocation and compilation
+                times[name].append(seconds)
     return times
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
 
 
 def bf16_matmul_peak(n=8192, reps=20):
@@ -384,7 +398,7 @@ def bf16_matmul_peak(n=8192, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
-def benchmark(names, batch_size, steps, img_size=224, compile=False):
+def benchmark(names, batch_size, count, img_size=224, compile=False):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if cuda:
@@ -393,21 +407,22 @@ def benchmark(names, batch_size, steps, img_size=224, compile=False):
     print(f"device {device}, {'bf16 autocast' if cuda else 'fp32'}, batch {batch_size}, "
           f"img {img_size}, compile {compile}" + (f", bf16 matmul peak {peak / 1e12:.0f} TFLOP/s"
                                                  if cuda else f", {torch.get_num_threads()} threads"))
-    step_time = {}
-    for name in names:
-        model = create_model(name, img_size=img_size).to(device)
-        flops = complexity(model, bias_flops=False)["flops"]  # multiply-adds per image
-        times = train_step_times(model, batch_size, img_size, steps, amp=cuda, compile=compile)
-        step_time[name] = sorted(times)[steps // 2]
-        line = f"{name:<10} {batch_size / step_time[name]:>9.1f} img/s  {step_time[name] * 1e3:>8.1f} ms/step"
+    models = {name: create_model(name, img_size=img_size).to(device) for name in names}
+    steps = {name: make_train_step(m, batch_size, img_size, amp=cuda, compile=compile)
+             for name, m in models.items()}
+    times = time_steps(steps, count)
+    for name, model in models.items():
+        seconds = median(times[name])
+        line = f"{name:<10} {batch_size / seconds:>9.1f} img/s  {seconds * 1e3:>8.1f} ms/step"
         if cuda:  # training = 3x the forward multiply-adds, 2 flops each
-            line += f"  MFU {6 * flops * batch_size / step_time[name] / peak:>6.1%}"
+            flops = complexity(model, bias_flops=False)["flops"]
+            line += f"  MFU {6 * flops * batch_size / seconds / peak:>6.1%}"
         print(line)
-        del model
     for name in names:
         pair = name.replace("vitc_", "vitp_")
-        if name.startswith("vitc_") and pair in step_time:
-            print(f"{name} / {pair} step-time ratio: {step_time[name] / step_time[pair]:.3f}")
+        if name.startswith("vitc_") and pair in times:
+            ratio = median([c / p for c, p in zip(times[name], times[pair])])
+            print(f"{name} / {pair} step time, median of paired steps: {ratio:.3f}")
 
 
 def main():
