@@ -14,11 +14,16 @@ images and learns nothing: it only exercises the pipeline. Defaults are the pape
 AutoAugment + mixup/CutMix + label smoothing, EMA of the weights for evaluation.
 Writes OUT/args.json, OUT/log.jsonl (a line per epoch), OUT/checkpoint.pt and OUT/best.pt;
 --resume auto continues a run, SIGTERM/SIGINT checkpoints and exits cleanly.
+
+Measured so far: the README's smoke test (ViT_C-1GF at 224 px, two epochs of 640 fake images)
+takes about 2 minutes on a 2-core CPU. No ImageNet run has been made with this script yet, so it
+does not yet claim the paper's accuracies.
 """
 
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -202,9 +207,15 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
-def to_device(images, labels, device):
+@functools.cache
+def normalisation(device):  # made once per device: a fresh host-to-GPU copy would block the host
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+
+def to_device(images, labels, device):
+    """uint8 images from the loader (4x less traffic than floats), normalised on the device."""
+    mean, std = normalisation(device)
     images = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
     return images, labels.to(device, non_blocking=True)
 
