@@ -458,6 +458,11 @@ def test_bad_arguments_fail_with_one_line(data, tmp_path, capsys):
     assert "invalid choice" in run_failing(tiny(data, tmp_path, "--stem", "hybrid"), capsys)
     err = run_failing(tiny(data, tmp_path, "--model", "vitc_36gf", "--optimizer", "sgd"), capsys)
     assert "no SGD settings" in err
+    assert "--ema-alpha" in run_failing(tiny(data, tmp_path, "--ema-alpha", "-1"), capsys)
+    assert "--cutmix" in run_failing(tiny(data, tmp_path, "--cutmix", "nan"), capsys)
+    assert "multiple of 16" in run_failing(tiny(data, tmp_path, "--img-size", "40"), capsys)
+    (tmp_path / "file").write_text("")
+    assert "not a folder" in run_failing(tiny(data, tmp_path / "file"), capsys)
 
 
 def test_batch_not_divisible_by_world_size_under_torchrun(data, tmp_path):
@@ -468,12 +473,29 @@ def test_batch_not_divisible_by_world_size_under_torchrun(data, tmp_path):
     assert "--batch-size 9 is not divisible by world size 2" in proc.stderr
 
 
-def test_resume_from_another_model_is_refused(data, full_run, tmp_path, capsys):
+def test_resume_from_another_model_or_recipe_is_refused(data, full_run, tmp_path, capsys):
     resume = ["--resume", str(full_run / "checkpoint.pt")]
     err = run_failing(tiny(data, tmp_path, "--model", "vitp_1gf", *resume), capsys)
     assert "checkpoint has model=vitc_1gf, this run has model=vitp_1gf" in err
+    err = run_failing(tiny(data, tmp_path, "--batch-size", "4", *resume), capsys)
+    assert "checkpoint has batch_size=8, this run has batch_size=4" in err
+    err = run_failing(tiny(data, tmp_path, "--optimizer", "sgd", *resume), capsys)
+    assert "checkpoint has optimizer=adamw" in err
+    err = run_failing(tiny(data, tmp_path, "--resume", str(full_run / "best.pt")), capsys)
+    assert "not a train.py checkpoint" in err
     err = run_failing(tiny(data, tmp_path, "--resume", str(tmp_path / "nope.pt")), capsys)
     assert "no such file" in err
+
+
+def test_a_new_run_never_overwrites_an_old_one(data, full_run, capsys):
+    before = (full_run / "checkpoint.pt").read_bytes()
+    assert "already holds a run" in run_failing(tiny(data, full_run), capsys)
+    assert (full_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_warmup_rounding_never_reaches_the_last_step(data, tmp_path):
+    # 3 steps in all, warmup 0.9 epochs rounds to 3 steps: clipped so that the cosine's last step stays
+    assert train.cli(tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0.9")) == 0
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, capsys, monkeypatch):

@@ -112,7 +112,9 @@ def parse_args(argv):
         "--epochs must be at least 1": args.epochs >= 1,
         "need 0 <= --warmup-epochs < --epochs": 0 <= args.warmup_epochs < args.epochs,
         "need a finite --lr > 0 and --wd >= 0": args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd),
-        "--mixup and --cutmix must be >= 0 (0 = off)": min(args.mixup, args.cutmix) >= 0,
+        "--mixup and --cutmix must be finite and >= 0 (0 = off)":
+            all(math.isfinite(a) and a >= 0 for a in (args.mixup, args.cutmix)),
+        "--ema-alpha must be finite and > 0": math.isfinite(args.ema_alpha) and args.ema_alpha > 0,
         "--label-smoothing must be in [0, 1)": 0 <= args.label_smoothing < 1,
         "--ema-period, --eval-every and --fake-size must be at least 1":
             min(args.ema_period, args.eval_every, args.fake_size) >= 1,
@@ -288,8 +290,17 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+# What a resumed run must share with the run that wrote the checkpoint: the model and everything
+# the optimizer state and the schedule position depend on. Data path, workers, accumulation,
+# evaluation and compilation may change.
+RESUME_KEYS = ("model", "img_size", "num_classes", "optimizer", "batch_size", "epochs",
+               "warmup_epochs", "lr", "wd")
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "steps_per_epoch",
+                   "best", "args", "rng"}
+
+
 def load_checkpoint(args):
-    """The checkpoint to resume from (or None), checked against this run's model."""
+    """The checkpoint to resume from (or None), checked against this run's settings."""
     path = args.resume
     if path == "auto":
         path = os.path.join(args.out, "checkpoint.pt")
@@ -301,12 +312,24 @@ def load_checkpoint(args):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    old = ckpt["args"]
-    for key in ("model", "img_size", "num_classes"):
-        if old.get(key) != getattr(args, key):
-            raise RunError(f"--resume {path}: checkpoint has {key}={old.get(key)}, this run "
-                           f"has {key}={getattr(args, key)}")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise RunError(f"--resume {path}: not a train.py checkpoint (best.pt holds weights only)")
+    for key in RESUME_KEYS:
+        if ckpt["args"].get(key) != getattr(args, key):
+            raise RunError(f"--resume {path}: checkpoint has {key}={ckpt['args'].get(key)}, this "
+                           f"run has {key}={getattr(args, key)}; a resumed run keeps its settings")
     return ckpt
+
+
+def check_resume(run, ckpt, path):
+    """Every rank must see the same checkpoint, and the epoch must have the same steps."""
+    found = all_sum(torch.tensor([float(ckpt is not None)], device=run.device), run.world_size)
+    if 0 < found.item() < run.world_size:
+        raise RunError(f"{path} is visible to {int(found.item())} of {run.world_size} ranks: "
+                       f"--out must be on a filesystem shared by all nodes")
+    if ckpt is not None and ckpt["steps_per_epoch"] != run.steps_per_epoch:
+        raise RunError(f"{path}: written with {ckpt['steps_per_epoch']} steps per epoch, this run "
+                       f"has {run.steps_per_epoch} (different train set or world size)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,12 +392,22 @@ def run_steps(run, epoch, skip, bar):
     return loss_sum / max(count, 1), (images_per_sec if count else 0.0)
 
 
+def check_out(args):
+    """The output folder must not hold a run that this one would overwrite."""
+    if os.path.exists(os.path.join(args.out, "checkpoint.pt")) and not args.resume:
+        raise RunError(f"{args.out} already holds a run: pass --resume auto to continue it, or "
+                       f"choose another --out")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise RunError(f"--out {args.out}: exists and is not a folder")
+
+
 def build_run(args, rank, world_size, device):
     """Data, model, EMA, optimizer and schedule, restored from a checkpoint when resuming. Every
     check of the user's input happens here, before any training."""
     if args.batch_size < 1 or args.accum_steps < 1 or args.batch_size % (world_size * args.accum_steps):
         raise RunError(f"--batch-size {args.batch_size} is not divisible by world size "
                        f"{world_size} x --accum-steps {args.accum_steps}")
+    check_out(args)
     run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
                              stop_signal=None, stopped=False, lr=None)
     run.train_set, val_set = build_datasets(args)
@@ -394,6 +427,8 @@ def build_run(args, rank, world_size, device):
                                 min(run.micro_batch, 256), num_workers=run.workers,
                                 pin_memory=device.type == "cuda")
     ckpt = load_checkpoint(args) if args.resume else None
+    check_resume(run, ckpt, os.path.join(args.out, "checkpoint.pt") if args.resume == "auto"
+                 else args.resume)
 
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     run.model = vitc.create_model(args.model, args.num_classes, args.img_size).to(device)
@@ -402,8 +437,9 @@ def build_run(args, rank, world_size, device):
     run.ema_alpha = min(1.0, args.ema_alpha * args.batch_size * args.ema_period / args.epochs)
     lr = vitc.scale_lr(args.lr, args.batch_size)  # lrs are quoted at batch 2048
     run.optimizer = vitc.make_optimizer(run.model, args.optimizer, lr, args.wd)
-    run.scheduler = vitc.make_scheduler(run.optimizer, args.epochs * run.steps_per_epoch,
-                                        round(args.warmup_epochs * run.steps_per_epoch))
+    total = args.epochs * run.steps_per_epoch
+    warmup = min(round(args.warmup_epochs * run.steps_per_epoch), total - 1)
+    run.scheduler = vitc.make_scheduler(run.optimizer, total, warmup)
     run.mix = build_mix(args, args.num_classes)
     run.epoch, run.step, run.best = 0, 0, (-1.0, 0)
     torch.manual_seed(args.seed + 1 + rank)  # augmentation differs across ranks
@@ -443,7 +479,8 @@ def save_checkpoint(run):
                      "ema": run.ema.state_dict() if run.ema is not None else None,
                      "optimizer": run.optimizer.state_dict(),
                      "scheduler": run.scheduler.state_dict(), "epoch": run.epoch,
-                     "step": run.step, "best": list(run.best), "args": vars(run.args),
+                     "step": run.step, "steps_per_epoch": run.steps_per_epoch,
+                     "best": list(run.best), "args": vars(run.args),
                      "rng": states}, os.path.join(run.args.out, "checkpoint.pt"))
 
 
@@ -476,10 +513,21 @@ def on_signal(run):
     return handler
 
 
+def stopped_by_signal(run):
+    if run.rank == 0:
+        print(f"stopped by {run.stop_signal} at step {run.step}; checkpoint "
+              f"{run.args.out}/checkpoint.pt. To continue, re-run the same command with "
+              f"--resume auto")
+    return 0
+
+
 def train(args, rank, world_size, device):
     run = build_run(args, rank, world_size, device)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"--out {args.out}: cannot create it ({e.strerror})") from None
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         cx = vitc.complexity(run.model)
@@ -495,13 +543,9 @@ def train(args, rank, world_size, device):
             torch.cuda.reset_peak_memory_stats(device)
         skip = min(max(run.step - epoch * run.steps_per_epoch, 0), run.steps_per_epoch)
         loss, images_per_sec = train_one_epoch(run, epoch, skip)
-        if run.stopped:
+        if run.stopped and run.step < (epoch + 1) * run.steps_per_epoch:  # mid-epoch
             save_checkpoint(run)
-            if rank == 0:
-                print(f"stopped by {run.stop_signal} at step {run.step}; checkpoint "
-                      f"{args.out}/checkpoint.pt. To continue, re-run the same command with "
-                      f"--resume auto")
-            return 0
+            return stopped_by_signal(run)
         run.epoch = epoch + 1
         record = {"epoch": run.epoch, "step": run.step, "lr": run.lr,
                   "train_loss": loss}
@@ -516,6 +560,8 @@ def train(args, rank, world_size, device):
                 f.write(json.dumps(record) + "\n")
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in record.items()))
+        if run.stopped:  # the signal came on the epoch's last step: the epoch is complete
+            return stopped_by_signal(run)
         if args.stop_after and run.epoch - first_epoch >= args.stop_after and run.epoch < args.epochs:
             if rank == 0:
                 print(f"stopped after {args.stop_after} epochs as asked (--stop-after); "
