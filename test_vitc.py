@@ -2,16 +2,26 @@
 DDP, checkpoints, bad input). CPU only; run with `python -m pytest -q`."""
 
 import inspect
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import train
 import vitc
 
+HERE = Path(__file__).resolve().parent
 SIZES = ["1gf", "4gf", "18gf", "36gf"]
 
 
@@ -84,6 +94,14 @@ def test_vitc_rows_derive_from_vitp_rows():
         p, c = vitc.VARIANTS[f"vitp_{size}"], vitc.VARIANTS[f"vitc_{size}"]
         assert (c.dim, c.heads, c.mlp_dim, c.depth) == (p.dim, p.heads, p.mlp_dim, p.depth - 1)
         assert c.stem_channels and not p.stem_channels
+
+
+def test_readme_python_examples_run():
+    readme = (HERE / "README.md").read_text()
+    blocks = readme.split("```python\n")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(block.split("```")[0], {})
 
 
 def test_conv_stem_can_be_pasted_alone():
@@ -294,19 +312,6 @@ def test_factories_reject_bad_arguments():
 # train.py: runs on a tiny ImageFolder of generated JPEGs
 # ------------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-import train  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = ("cat", "dog", "fox"), 8, 3  # 9 val: odd, for 2 ranks
 
 
