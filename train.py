@@ -2,7 +2,7 @@
 
 One file runs on one device or under torchrun (DDP: NCCL on GPUs, gloo on the CPU):
 
-    python train.py --stem conv --size 1gf --data fake --img-size 64 --epochs 2   # CPU smoke test
+    python train.py --data fake --img-size 64 --batch-size 64 --epochs 2 --warmup-epochs 1  # CPU
     python train.py --stem conv --size 4gf --data /imagenet                        # one GPU
     torchrun --nproc_per_node=8 train.py --stem conv --size 4gf --data /imagenet   # 8 GPUs
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
