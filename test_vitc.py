@@ -347,6 +347,13 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def torchrun_two_ranks(argv):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "train.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
 @pytest.fixture(scope="session")
 def full_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -388,11 +395,8 @@ def test_resume_after_epoch_1_gives_the_same_weights(data, full_run, tmp_path):
 
 def test_torchrun_two_ranks_counts_every_val_image_once(data, tmp_path):
     # Two gloo ranks, with gradient accumulation (micro-batches of 2, DDP's no_sync path).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "train.py"), *tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0",
-                                         "--accum-steps", "2", "--workers", "1")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = torchrun_two_ranks(tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0",
+                                   "--accum-steps", "2", "--workers", "1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = read_log(tmp_path)
     assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS  # 5 on rank 0, 4 on rank 1
@@ -471,9 +475,7 @@ def test_bad_arguments_fail_with_one_line(data, tmp_path, capsys):
 
 
 def test_batch_not_divisible_by_world_size_under_torchrun(data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "train.py"), *tiny(data, tmp_path, "--batch-size", "9")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = torchrun_two_ranks(tiny(data, tmp_path, "--batch-size", "9"))
     assert proc.returncode != 0
     assert "--batch-size 9 is not divisible by world size 2" in proc.stderr
 
@@ -499,7 +501,7 @@ def test_a_new_run_never_overwrites_an_old_one(data, full_run, capsys):
 
 
 def test_warmup_rounding_never_reaches_the_last_step(data, tmp_path):
-    # 3 steps in all, warmup 0.9 epochs rounds to 3 steps: clipped so that the cosine's last step stays
+    # 3 steps in all; 0.9 warmup epochs round to 3 steps, clipped to 2 so the cosine keeps a step
     assert train.cli(tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0.9")) == 0
 
 

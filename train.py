@@ -92,7 +92,8 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, help="data loader processes per rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", help="checkpoint to resume from, or 'auto': OUT/checkpoint.pt if any")
+    p.add_argument("--resume",
+                   help="checkpoint to resume from, or 'auto': OUT/checkpoint.pt if there is one")
     p.add_argument("--stop-after", type=int, help="train at most N epochs in this invocation, "
                    "then checkpoint and exit (for job time limits; continue with --resume auto)")
     p.add_argument("--fake-size", type=int, default=2048, help="--data fake: train images")
@@ -108,10 +109,13 @@ def parse_args(argv):
     args.wd = default[1] if args.wd is None else args.wd
     args.out = args.out or os.path.join("runs", args.model)
     checks = {  # every number the run depends on, checked before anything starts
-        "--img-size must be a positive multiple of 16": args.img_size >= 16 and args.img_size % 16 == 0,
-        "--epochs must be at least 1": args.epochs >= 1,
+        "--img-size must be a positive multiple of 16":
+            args.img_size >= 16 and args.img_size % 16 == 0,
+        "--epochs, --batch-size and --accum-steps must be at least 1":
+            min(args.epochs, args.batch_size, args.accum_steps) >= 1,
         "need 0 <= --warmup-epochs < --epochs": 0 <= args.warmup_epochs < args.epochs,
-        "need a finite --lr > 0 and --wd >= 0": args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd),
+        "need a finite --lr > 0 and --wd >= 0":
+            args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd),
         "--mixup and --cutmix must be finite and >= 0 (0 = off)":
             all(math.isfinite(a) and a >= 0 for a in (args.mixup, args.cutmix)),
         "--ema-alpha must be finite and > 0": math.isfinite(args.ema_alpha) and args.ema_alpha > 0,
@@ -157,6 +161,7 @@ def all_sum(tensor, world_size):
 
 
 def build_datasets(args):
+    """(train set, val set, number of classes); FakeData mimics ImageNet's 1000 classes."""
     size, resize = args.img_size, round(args.img_size * 256 / 224)  # test: resize 256, crop 224
     train_tf = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip()]
     if args.autoaugment:
@@ -165,8 +170,8 @@ def build_datasets(args):
     val_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
     if args.data == "fake":
         shape, val_size = (3, resize, resize), max(1, args.fake_size // 4)
-        return (datasets.FakeData(args.fake_size, shape, 1000, train_tf),
-                datasets.FakeData(val_size, shape, 1000, val_tf, random_offset=args.fake_size))
+        val_set = datasets.FakeData(val_size, shape, 1000, val_tf, random_offset=args.fake_size)
+        return datasets.FakeData(args.fake_size, shape, 1000, train_tf), val_set, 1000
     if not args.data:
         raise RunError("no data: pass --data /path/to/imagenet (with train/ and val/), set "
                        "IMAGENET=/path/to/imagenet, or use --data fake for a smoke test")
@@ -180,11 +185,11 @@ def build_datasets(args):
                            f"with one sub-folder of images per class)")
         try:
             sets.append(datasets.ImageFolder(folder, tf))
-        except (FileNotFoundError, OSError) as e:  # e.g. an empty class folder
+        except OSError as e:  # e.g. FileNotFoundError for an empty class folder
             raise RunError(f"{folder}: {str(e).splitlines()[0]}") from None
     if sets[0].classes != sets[1].classes:
         raise RunError(f"{args.data}: train/ and val/ have different class folders")
-    return sets
+    return sets[0], sets[1], len(sets[0].classes)
 
 
 def train_batches(run, epoch, skip):
@@ -299,13 +304,15 @@ CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "s
                    "best", "args", "rng"}
 
 
+def checkpoint_file(args):
+    return os.path.join(args.out, "checkpoint.pt")
+
+
 def load_checkpoint(args):
-    """The checkpoint to resume from (or None), checked against this run's settings."""
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(args.out, "checkpoint.pt")
-        if not os.path.exists(path):
-            return None
+    """(checkpoint or None, its path), the checkpoint checked against this run's settings."""
+    path = checkpoint_file(args) if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(path):
+        return None, path
     if not os.path.isfile(path):
         raise RunError(f"--resume {path}: no such file")
     try:
@@ -318,7 +325,7 @@ def load_checkpoint(args):
         if ckpt["args"].get(key) != getattr(args, key):
             raise RunError(f"--resume {path}: checkpoint has {key}={ckpt['args'].get(key)}, this "
                            f"run has {key}={getattr(args, key)}; a resumed run keeps its settings")
-    return ckpt
+    return ckpt, path
 
 
 def check_resume(run, ckpt, path):
@@ -394,7 +401,7 @@ def run_steps(run, epoch, skip, bar):
 
 def check_out(args):
     """The output folder must not hold a run that this one would overwrite."""
-    if os.path.exists(os.path.join(args.out, "checkpoint.pt")) and not args.resume:
+    if os.path.exists(checkpoint_file(args)) and not args.resume:
         raise RunError(f"{args.out} already holds a run: pass --resume auto to continue it, or "
                        f"choose another --out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -404,18 +411,18 @@ def check_out(args):
 def build_run(args, rank, world_size, device):
     """Data, model, EMA, optimizer and schedule, restored from a checkpoint when resuming. Every
     check of the user's input happens here, before any training."""
-    if args.batch_size < 1 or args.accum_steps < 1 or args.batch_size % (world_size * args.accum_steps):
+    if args.batch_size % (world_size * args.accum_steps):
         raise RunError(f"--batch-size {args.batch_size} is not divisible by world size "
                        f"{world_size} x --accum-steps {args.accum_steps}")
     check_out(args)
     run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
                              stop_signal=None, stopped=False, lr=None)
-    run.train_set, val_set = build_datasets(args)
-    args.num_classes = len(getattr(run.train_set, "classes", range(1000)))
+    run.train_set, val_set, args.num_classes = build_datasets(args)
     run.micro_batch = args.batch_size // (world_size * args.accum_steps)
     # Train: equal shards per rank, no padding, the last partial batch dropped (BN and mixup need
     # full batches). Workers restart every epoch, seeded from the checkpointed RNG.
-    run.sampler = DistributedSampler(run.train_set, world_size, rank, seed=args.seed, drop_last=True)
+    run.sampler = DistributedSampler(run.train_set, world_size, rank, seed=args.seed,
+                                     drop_last=True)
     run.steps_per_epoch = len(run.sampler) // (run.micro_batch * args.accum_steps)
     if run.steps_per_epoch == 0:
         raise RunError(f"the train set has {len(run.train_set)} images, fewer than one global "
@@ -426,9 +433,8 @@ def build_run(args, rank, world_size, device):
     run.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)),
                                 min(run.micro_batch, 256), num_workers=run.workers,
                                 pin_memory=device.type == "cuda")
-    ckpt = load_checkpoint(args) if args.resume else None
-    check_resume(run, ckpt, os.path.join(args.out, "checkpoint.pt") if args.resume == "auto"
-                 else args.resume)
+    ckpt, path = load_checkpoint(args) if args.resume else (None, None)
+    check_resume(run, ckpt, path)
 
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     run.model = vitc.create_model(args.model, args.num_classes, args.img_size).to(device)
@@ -449,7 +455,8 @@ def build_run(args, rank, world_size, device):
     compiled = torch.compile(run.model) if args.compile else run.model
     run.ddp = compiled
     if world_size > 1:
-        run.ddp = DistributedDataParallel(compiled, device_ids=[device] if device.type == "cuda" else None)
+        run.ddp = DistributedDataParallel(
+            compiled, device_ids=[device] if device.type == "cuda" else None)
     return run
 
 
@@ -481,7 +488,7 @@ def save_checkpoint(run):
                      "scheduler": run.scheduler.state_dict(), "epoch": run.epoch,
                      "step": run.step, "steps_per_epoch": run.steps_per_epoch,
                      "best": list(run.best), "args": vars(run.args),
-                     "rng": states}, os.path.join(run.args.out, "checkpoint.pt"))
+                     "rng": states}, checkpoint_file(run.args))
 
 
 def evaluate_epoch(run, record):
@@ -516,7 +523,7 @@ def on_signal(run):
 def stopped_by_signal(run):
     if run.rank == 0:
         print(f"stopped by {run.stop_signal} at step {run.step}; checkpoint "
-              f"{run.args.out}/checkpoint.pt. To continue, re-run the same command with "
+              f"{checkpoint_file(run.args)}. To continue, re-run the same command with "
               f"--resume auto")
     return 0
 
@@ -562,7 +569,8 @@ def train(args, rank, world_size, device):
                            for k, v in record.items()))
         if run.stopped:  # the signal came on the epoch's last step: the epoch is complete
             return stopped_by_signal(run)
-        if args.stop_after and run.epoch - first_epoch >= args.stop_after and run.epoch < args.epochs:
+        asked_stop = args.stop_after and run.epoch - first_epoch >= args.stop_after
+        if asked_stop and run.epoch < args.epochs:
             if rank == 0:
                 print(f"stopped after {args.stop_after} epochs as asked (--stop-after); "
                       f"continue with --resume auto")
@@ -570,7 +578,7 @@ def train(args, rank, world_size, device):
     if rank == 0:
         which = "EMA " if run.ema is not None else ""
         print(f"done: best {which}top-1 {run.best[0]:.2f}% (epoch {run.best[1]}); checkpoint "
-              f"{args.out}/checkpoint.pt, best weights {args.out}/best.pt")
+              f"{checkpoint_file(args)}, best weights {args.out}/best.pt")
     return 0
 
 

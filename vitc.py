@@ -1,4 +1,4 @@
-"""ViT_P and ViT_C from "Early Convolutions Help Transformers See Better" (Xiao et al., NeurIPS 2021).
+"""ViT_P and ViT_C of "Early Convolutions Help Transformers See Better" (Xiao et al., 2021).
 
 The paper replaces ViT's patchify stem (one 16x16, stride-16 convolution) by a convolutional stem
 (a few 3x3 convolutions with BatchNorm and ReLU, then a 1x1 convolution to the transformer width)
@@ -404,9 +404,9 @@ def benchmark(names, batch_size, count, img_size=224, compile=False):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     peak = bf16_matmul_peak() if cuda else None
-    print(f"device {device}, {'bf16 autocast' if cuda else 'fp32'}, batch {batch_size}, "
-          f"img {img_size}, compile {compile}" + (f", bf16 matmul peak {peak / 1e12:.0f} TFLOP/s"
-                                                 if cuda else f", {torch.get_num_threads()} threads"))
+    detail = (f"bf16 autocast, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if cuda
+              else f"fp32, {torch.get_num_threads()} threads")
+    print(f"device {device}, {detail}, batch {batch_size}, img {img_size}, compile {compile}")
     models = {name: create_model(name, img_size=img_size).to(device) for name in names}
     steps = {name: make_train_step(m, batch_size, img_size, amp=cuda, compile=compile)
              for name, m in models.items()}
