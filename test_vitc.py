@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
@@ -140,7 +141,9 @@ def test_variants_have_their_nominal_flops(size, gigaflops):
 @pytest.mark.parametrize("name", ["vitp_1gf", "vitc_1gf", "vitp_4gf", "vitc_4gf"])
 def test_complexity_flops_agree_with_torch_flop_counter(name):
     model = small(name, img_size=48).eval()
-    with FlopCounterMode(display=False) as counter:
+    # The math backend runs attention as plain matmuls, which every torch version counts; before
+    # torch 2.15, FlopCounterMode counted nothing for the CPU flash-attention kernel.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 48, 48))
     # FlopCounterMode counts 2 flops per multiply-add and no bias adds.
     assert 2 * vitc.complexity(model, bias_flops=False)["flops"] == counter.get_total_flops()
