@@ -6,15 +6,12 @@ and removes one transformer block so that flops stay equal. This file holds, in 
 the two stems, the transformer, the ViT, the paper's eight variants, complexity counting exactly as
 the paper counts it, and the optimizer and learning-rate schedule factories.
 
-    python vitc.py                          # complexity table of the eight variants
-    python vitc.py --bench vitp_1gf vitc_1gf  # images/s of a full training step, ViT_C/ViT_P ratio
+    python vitc.py    # complexity table of the eight variants (benchmarks: tools/bench.py)
 
 Imports only the standard library and torch; `ConvStem` needs nothing but `torch.nn` and `math`.
 """
 
-import argparse
 import math
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -82,7 +79,7 @@ class ConvStem(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Transformer: pre-norm blocks, no dropout, no stochastic depth, no layer scale (PAPER.md).
+# Transformer: pre-norm blocks; no dropout, stochastic depth or layer scale (section 3).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -217,9 +214,10 @@ def create_model(name, num_classes=1000, img_size=224):
 
 
 # ------------------------------------------------------------------------------------------------
-# Complexity, counted as the paper counts it (PAPER.md): flops are multiply-adds of convolutions,
-# linear layers and the two attention matmuls, plus one op per bias element at every output
-# position; acts are the output elements of those same operations; params are all parameters.
+# Complexity as in Table 1, counted as the official code (pycls/models/vit.py) counts it: flops
+# are multiply-adds of convolutions, linear layers and the two attention matmuls, plus one op per
+# bias element at every output position; acts are the output elements of those same operations;
+# params are all parameters.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -324,7 +322,7 @@ def make_scheduler(optimizer, total_steps, warmup_steps, warmup_start=0.1, floor
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: the complexity table, and a training-step benchmark.
+# Command line: the complexity table (benchmarks live in tools/bench.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -345,104 +343,5 @@ def print_complexity_table():
                   f"{cx['acts'] / 1e6:>7.2f} {VARIANTS[name].depth:>6}  {stem_description(name)}")
 
 
-def make_train_step(model, batch_size, img_size, num_classes=1000, amp=False, compile=False):
-    """A function that runs one full training step (forward, backward, AdamW step) of any image
-    classifier on a fixed random batch on its parameters' device, and returns its seconds."""
-    device = next(model.parameters()).device
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    opt = make_optimizer(model, "adamw", 1e-4, 0.05)
-    run = torch.compile(model) if compile else model
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def step():
-        sync()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(run(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - start
-    return step
-
-
-def time_steps(steps, count, warmup=2):
-    """{name: [seconds of each timed call]} for a dict of step functions, called in turn one step
-    at a time so that a noisy machine slows all of them alike (compare ratios, not absolutes)."""
-    times = {name: [] for name in steps}
-    for i in range(warmup + count):
-        for name, step in steps.items():
-            seconds = step()
-            if i >= warmup:  # warm-up steps include allocation and compilation
-                times[name].append(seconds)
-    return times
-
-
-def median(values):
-    return sorted(values)[len(values) // 2]
-
-
-def bf16_matmul_peak(n=8192, reps=20):
-    """Achieved bf16 matmul FLOP/s on this GPU, the denominator of model-flops utilisation."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
-
-
-def benchmark(names, batch_size, count, img_size=224, compile=False):
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    peak = bf16_matmul_peak() if cuda else None
-    detail = (f"bf16 autocast, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if cuda
-              else f"fp32, {torch.get_num_threads()} threads")
-    print(f"device {device}, {detail}, batch {batch_size}, img {img_size}, compile {compile}")
-    models = {name: create_model(name, img_size=img_size).to(device) for name in names}
-    steps = {name: make_train_step(m, batch_size, img_size, amp=cuda, compile=compile)
-             for name, m in models.items()}
-    times = time_steps(steps, count)
-    for name, model in models.items():
-        seconds = median(times[name])
-        line = f"{name:<10} {batch_size / seconds:>9.1f} img/s  {seconds * 1e3:>8.1f} ms/step"
-        if cuda:  # training = 3x the forward multiply-adds, 2 flops each
-            flops = complexity(model, bias_flops=False)["flops"]
-            line += f"  MFU {6 * flops * batch_size / seconds / peak:>6.1%}"
-        print(line)
-    for name in names:
-        pair = name.replace("vitc_", "vitp_")
-        if name.startswith("vitc_") and pair in times:
-            ratio = median([c / p for c, p in zip(times[name], times[pair])])
-            print(f"{name} / {pair} step time, median of paired steps: {ratio:.3f}")
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench", nargs="*", metavar="NAME", help="time training steps of these "
-                        "variants (default: the 1GF pair)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median is reported)")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    args = parser.parse_args()
-    if args.bench is None:
-        print_complexity_table()
-        return
-    names = args.bench or ["vitp_1gf", "vitc_1gf"]
-    bad = [n for n in names if n not in VARIANTS]
-    if bad:
-        parser.error(f"unknown model {bad[0]!r}; valid names: {', '.join(VARIANTS)}")
-    benchmark(names, args.batch_size, args.steps, args.img_size, args.compile)
-
-
 if __name__ == "__main__":
-    main()
+    print_complexity_table()
