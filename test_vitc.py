@@ -1,21 +1,30 @@
 """Tests for vitc.py (the models, complexity, optimizer and schedule) and train.py (the recipe,
 DDP, checkpoints, bad input). CPU only; run with `python -m pytest -q`."""
 
+import collections
+import copy
+import errno
+import importlib.util
 import inspect
+import io
 import json
 import math
 import os
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+import torchvision
+from PIL import Image, ImageDraw
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -97,12 +106,27 @@ def test_vitc_rows_derive_from_vitp_rows():
         assert c.stem_channels and not p.stem_channels
 
 
+def readme_python_blocks():
+    return [block.split("```")[0] for block in
+            (HERE / "README.md").read_text().split("```python\n")[1:]]
+
+
 def test_readme_python_examples_run():
-    readme = (HERE / "README.md").read_text()
-    blocks = readme.split("```python\n")[1:]
+    blocks = readme_python_blocks()
     assert len(blocks) == 2
-    for block in blocks:
-        exec(block.split("```")[0], {})
+    exec(blocks[0], {})  # the repository's API, run from here
+
+
+def test_readme_conv_stem_is_vitc_s_and_runs_pasted_outside_the_repository(tmp_path):
+    block = readme_python_blocks()[1]
+    assert inspect.getsource(vitc.ConvStem) in block  # the README's copy is the real one
+    script = tmp_path / "pasted.py"
+    script.write_text(block)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "torch.Size([2, 196, 768])"
 
 
 def test_conv_stem_can_be_pasted_alone():
@@ -111,6 +135,61 @@ def test_conv_stem_can_be_pasted_alone():
     exec(inspect.getsource(vitc.ConvStem), namespace)
     stem = namespace["ConvStem"](64, channels=(16, 32, 64, 128), strides=(2, 2, 2, 2))
     assert stem(torch.randn(2, 3, 32, 32)).shape == (2, 64, 2, 2)
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", HERE / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def torchvision_state_dict(model):
+    """Our state dict under the names of torchvision's VisionTransformer."""
+    renames = [(r"^stem\.proj\.", "conv_proj."), (r"^cls_token$", "class_token"),
+               (r"^pos_embed$", "encoder.pos_embedding"), (r"^norm\.", "encoder.ln."),
+               (r"^head\.", "heads.head."),
+               (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."),
+               (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
+               (r"\.attn\.qkv\.(weight|bias)$", r".self_attention.in_proj_\1"),
+               (r"\.attn\.proj\.", ".self_attention.out_proj."),
+               (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3.")]
+    stem_layers = len(model.stem.layers) if isinstance(model.stem, vitc.ConvStem) else 0
+    out = {}
+    for key, value in model.state_dict().items():
+        match = re.match(r"stem\.layers\.(\d+)\.(.*)", key)
+        if match:  # our [conv, bn, relu] x n + 1x1: torchvision's conv_bn_relu_i.{0,1}, conv_last
+            index, rest = int(match[1]), match[2]
+            i, j = divmod(index, 3)
+            key = (f"conv_proj.conv_last.{rest}" if index == stem_layers - 1
+                   else f"conv_proj.conv_bn_relu_{i}.{j}.{rest}")
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["vitp_1gf", "vitc_1gf", "vitc_18gf"])
+def test_same_logits_as_torchvision_vision_transformer_with_our_weights(name):
+    # An independent implementation of the same network: torchvision's VisionTransformer built
+    # with our configuration (tools/bench.py's twin), loaded with our (randomised) weights.
+    ours = small(name, img_size=32, num_classes=7).double()
+    with torch.no_grad():  # zero-initialised head and biases would make the check too easy
+        for p in ours.parameters():
+            p.normal_(0, 0.1)
+        for bn in [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]:
+            bn.running_mean.normal_(0, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    twin = load_bench().torchvision_twin(name, img_size=32, num_classes=7).double()
+    twin.load_state_dict(torchvision_state_dict(ours))  # strict: every tensor has its place
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for train_mode in (True, False):  # batch statistics, then running statistics
+        ours.train(train_mode)
+        twin.train(train_mode)
+        with torch.no_grad():
+            expected, actual = twin(x), ours(x)
+        assert actual.abs().max() > 0.1
+        assert torch.allclose(actual, expected, rtol=1e-9, atol=1e-9), train_mode
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +253,7 @@ def test_complexity_leaves_the_model_untouched():
 
 
 # ------------------------------------------------------------------------------------------------
-# Initialisation (PAPER.md, official code)
+# Initialisation (official pycls/models/vit.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -312,109 +391,203 @@ def test_factories_reject_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
-# train.py: runs on a tiny ImageFolder of generated JPEGs
+# train.py: the recipe's pieces (AutoAugment v0, lighting, precise BatchNorm, defaults)
 # ------------------------------------------------------------------------------------------------
 
-CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = ("cat", "dog", "fox"), 8, 3  # 9 val: odd, for 2 ranks
+
+def test_autoaugment_v0_is_the_published_table():
+    policy = train.AUTOAUGMENT_V0
+    assert len(policy) == 25 and all(len(sub_policy) == 2 for sub_policy in policy)
+    assert policy[0] == (("equalize", 0.8, 1), ("shear_y", 0.8, 4))
+    assert policy[15] == (("rotate", 1.0, 7), ("translate_y", 0.8, 9))
+    assert policy[24] == (("color", 0.8, 6), ("rotate", 0.4, 5))
+    steps = [step for sub_policy in policy for step in sub_policy]
+    assert {op for op, _, _ in steps} == set(train.AUTOAUGMENT_OPS)  # no op unused or missing
+    assert all(0 <= p <= 1 and level in range(11) for _, p, level in steps)
+    assert sum(op == "equalize" for op, _, _ in steps) == 12  # the policy's most frequent op
+    magnitude = train.autoaugment_magnitude
+    assert magnitude("rotate", 10) == 30 and magnitude("shear_x", 10) == pytest.approx(0.3)
+    assert magnitude("translate_y", 10) == pytest.approx(0.45)  # of the height
+    assert (magnitude("solarize", 10), magnitude("solarize_add", 10)) == (256, 110)
+    assert magnitude("posterize", 10) == 4  # bits
+    assert magnitude("color", 0) == pytest.approx(0.1)
+    assert magnitude("color", 10) == pytest.approx(1.9)
+    signed = {op for op, (_, _, random_sign) in train.AUTOAUGMENT_OPS.items() if random_sign}
+    assert signed == {"rotate", "shear_x", "shear_y", "translate_y"}
 
 
-def write_images(folder, count, seed):
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True)
-    for i in range(count):
-        pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
-        Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg")
+def test_autoaugment_v0_ops_at_their_official_magnitudes():
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=gen)
+
+    def op(name, level):
+        return train.AUTOAUGMENT_OPS[name][0](img, train.autoaugment_magnitude(name, level))
+    assert torch.equal(op("posterize", 6), img & 0b11000000)  # int(4 * 0.6) = 2 bits
+    assert torch.equal(op("posterize", 2), img & 0b10000000)  # int(0.8) = 0, but at least 1 bit
+    assert torch.equal(op("solarize", 3), torch.where(img >= 76, 255 - img, img))  # int(76.8)
+    assert torch.equal(op("solarize", 10), img)  # threshold 256: nothing to invert
+    added = torch.where(img < 128, (img.int() + 33).clamp(max=255), img.int())  # int(110 * 0.3)
+    assert torch.equal(op("solarize_add", 3), added.to(torch.uint8))
+    assert torch.equal(op("color", 5), img)  # saturation factor 0.1 + 1.8 * 0.5 = 1
+    grey = op("color", 0).int()
+    assert (grey.max(0).values - grey.min(0).values).float().mean() < 0.2 * (
+        img.int().max(0).values - img.int().min(0).values).float().mean()  # factor 0.1: greyish
 
 
-@pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    for c, name in enumerate(CLASSES):
-        write_images(root / "train" / name, TRAIN_PER_CLASS, seed=c)
-        write_images(root / "val" / name, VAL_PER_CLASS, seed=100 + c)
-    return root
+def test_autoaugment_v0_geometric_ops_fill_grey_and_interpolate_bilinearly():
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    rotated = train.AUTOAUGMENT_OPS["rotate"][0](white, 30.0)
+    assert rotated[:, 0, 0].tolist() == [128] * 3 and rotated[:, 16, 16].tolist() == [255] * 3
+    assert ((rotated > 128) & (rotated < 255)).any()  # edges blended: bilinear, not nearest
+    sheared = train.AUTOAUGMENT_OPS["shear_x"][0](white, 0.3)
+    assert (sheared[:, 0] > 128).all()  # sheared about the top-left corner: row 0 ~stays
+    assert (sheared[:, -1] == 128).sum() >= 3 * 8  # the bottom row moved by ~9 px: grey there
+    shifted = train.AUTOAUGMENT_OPS["translate_y"][0](white, 0.45)  # 0.45 * 32 = 14 rows
+    assert (shifted == 128).all(2).all(0).sum() == 14 and (shifted == 255).all(2).all(0).sum() == 18
 
 
-def tiny(data, out, *extra):
-    """Arguments of a run that takes seconds: 32 px, global batch 8, 3 steps per epoch."""
-    return ["--data", str(data), "--out", str(out), "--model", "vitc_1gf", "--img-size", "32",
-            "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--ema-period", "1",
-            "--workers", "0", *extra]
+def test_autoaugment_v0_runs_each_step_with_its_probability(monkeypatch):
+    calls, signs = collections.Counter(), collections.Counter()
+
+    def recorder(op):
+        def record(image, magnitude):
+            calls[op] += 1
+            signs[op, (magnitude > 0) - (magnitude < 0)] += 1
+            return image
+        return record
+    fake = {op: (recorder(op), magnitudes, random_sign)
+            for op, (_, magnitudes, random_sign) in train.AUTOAUGMENT_OPS.items()}
+    monkeypatch.setattr(train, "AUTOAUGMENT_OPS", fake)
+    torch.manual_seed(0)
+    augment, image, draws = train.AutoAugmentV0(), torch.zeros(3, 4, 4, dtype=torch.uint8), 20000
+    for _ in range(draws):
+        augment(image)
+    expected = collections.Counter()
+    for sub_policy in train.AUTOAUGMENT_V0:  # each sub-policy drawn with probability 1/25
+        for op, probability, _ in sub_policy:
+            expected[op] += probability / 25
+    for op, rate in expected.items():
+        assert calls[op] / draws == pytest.approx(rate, abs=0.012), op
+    for op in ("rotate", "shear_y"):  # a random sign; level 0 gives magnitude 0
+        assert signs[op, -1] / (signs[op, -1] + signs[op, 1]) == pytest.approx(0.5, abs=0.03)
+    assert signs["color", -1] == 0
 
 
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+def test_lighting_offsets_follow_the_imagenet_pca():
+    torch.manual_seed(0)
+    n, cpu = 20000, torch.device("cpu")
+    images, labels = torch.full((n, 3, 2, 2), 100, dtype=torch.uint8), torch.zeros(n)
+    lit, _ = train.to_device(images, labels, cpu, lighting=0.1)
+    plain, _ = train.to_device(images, labels, cpu, lighting=0.0)
+    offset = (lit - plain) * torch.tensor(train.STD).view(1, 3, 1, 1)  # in [0, 1] RGB units
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-5)  # per image
+    offset = offset[:, :, 0, 0].double()
+    vectors, values = torch.tensor(train.EIGVEC).double(), torch.tensor(train.EIGVAL).double()
+    expected = vectors @ torch.diag((0.1 * values) ** 2) @ vectors.T  # offset = V (alpha * eigval)
+    assert torch.allclose(torch.cov(offset.T), expected, atol=0.03 * expected.max().item())
+    assert torch.allclose(offset.var(0), expected.diagonal(), rtol=0.05)
+    assert offset.mean(0).abs().max() < 4 * expected.diagonal().max().sqrt() / math.sqrt(n)
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def batch_statistics(model, batches):
+    """Per BatchNorm of `model`: (mean, unbiased variance) of its input, averaged with equal
+    weight over `batches`, from full forward passes in train mode on a copy of the model."""
+    model = copy.deepcopy(model).train()
+    norms = train.batch_norms(model)
+    stats = {bn: [0.0, 0.0] for bn in norms}
+
+    def hook(bn, inputs):
+        stats[bn][0] += inputs[0].mean((0, 2, 3)) / len(batches)
+        stats[bn][1] += inputs[0].var((0, 2, 3), unbiased=True) / len(batches)
+    for bn in norms:
+        bn.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    return [stats[bn] for bn in norms]
 
 
-def torchrun_two_ranks(argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "train.py"), *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+def assert_running_stats(model, expected):
+    for bn, (mean, var) in zip(train.batch_norms(model), expected, strict=True):
+        assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+        assert torch.allclose(bn.running_var, var, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="session")
-def full_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full")
-    assert train.cli(tiny(data, out, "--workers", "1")) == 0
-    return out
+def test_precise_bn_sets_running_stats_to_the_batch_statistics():
+    model = small("vitc_1gf").eval()
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 3, 32, 32) * 2 + 0.5 for _ in range(3)]
+    expected = batch_statistics(model, batches)
+    params = {name: p.clone() for name, p in model.named_parameters()}
+    assert train.precise_bn([model], iter(batches), world_size=1) == 3
+    assert_running_stats(model, expected)
+    assert all(bn.momentum == 0.1 and bn.num_batches_tracked == 0
+               for bn in train.batch_norms(model))  # restored
+    assert not model.training and all(torch.equal(p, params[n]) for n, p in
+                                      model.named_parameters())
 
 
-def test_single_process_run_writes_checkpoint_args_and_log(full_run):
-    args = json.loads((full_run / "args.json").read_text())
-    assert args["model"] == "vitc_1gf" and args["lr"] == 1e-3 and args["wd"] == 0.24
-    log = read_log(full_run)
-    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 2 * 3
-    for record in log:
-        for key in ("lr", "train_loss", "val_top1", "val_top5", "ema_top1", "ema_top5",
-                    "epoch_time", "images_per_sec"):
-            assert math.isfinite(record[key]), key
-        assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS
-    ckpt = load(full_run / "checkpoint.pt")
-    assert (ckpt["epoch"], ckpt["step"]) == (2, 6) and ckpt["args"]["model"] == "vitc_1gf"
-    assert ckpt["scheduler"]["last_epoch"] == 6 and len(ckpt["rng"]) == 1
-    model = vitc.create_model("vitc_1gf", num_classes=3, img_size=32)
-    model.load_state_dict(ckpt["model"])  # plain keys: unwrapped, uncompiled
-    assert load(full_run / "best.pt")["model"].keys() == ckpt["ema"].keys()
-    assert not list(full_run.glob("*.tmp"))
+def test_precise_bn_leaves_vitp_untouched():
+    model = small("vitp_1gf")
+    before = copy.deepcopy(model.state_dict())
+
+    def no_images():
+        raise AssertionError("ViT_P has no BatchNorm: precise BN must not load any image")
+        yield
+    assert train.precise_bn([model], no_images(), world_size=1) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_resume_after_epoch_1_gives_the_same_weights(data, full_run, tmp_path):
-    assert train.cli(tiny(data, tmp_path, "--workers", "1", "--stop-after", "1")) == 0
-    assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
-    assert train.cli(tiny(data, tmp_path, "--workers", "1", "--resume", "auto")) == 0
-    resumed, full = load(tmp_path / "checkpoint.pt"), load(full_run / "checkpoint.pt")
-    for part in ("model", "ema"):
-        for key, value in full[part].items():
-            assert torch.equal(resumed[part][key], value), (part, key)
-    assert read_log(tmp_path) == [dict(r, epoch_time=r2["epoch_time"],
-                                       images_per_sec=r2["images_per_sec"])
-                                  for r, r2 in zip(read_log(full_run), read_log(tmp_path))]
+def precise_bn_rank(rank, init_file, batches):  # one of two gloo ranks (torch.multiprocessing)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = small("vitc_1gf")
+    train.precise_bn([model], iter(batches[rank]), world_size=2)
+    stats = [torch.stack([bn.running_mean, bn.running_var]) for bn in train.batch_norms(model)]
+    gathered = [None, None]
+    dist.all_gather_object(gathered, stats)
+    if rank == 0:
+        torch.save(gathered, f"{init_file}.out")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
-def test_torchrun_two_ranks_counts_every_val_image_once(data, tmp_path):
-    # Two gloo ranks, with gradient accumulation (micro-batches of 2, DDP's no_sync path).
-    proc = torchrun_two_ranks(tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0",
-                                   "--accum-steps", "2", "--workers", "1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (record,) = read_log(tmp_path)
-    assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS  # 5 on rank 0, 4 on rank 1
-    assert record["step"] == 3  # 24 images / global batch 8
-    assert len(load(tmp_path / "checkpoint.pt")["rng"]) == 2
-    assert proc.stdout.count("vitc_1gf:") == 1  # rank 1 prints nothing
+def test_precise_bn_averages_over_ranks_and_every_rank_holds_the_result(tmp_path):
+    torch.manual_seed(2)
+    batches = [[torch.randn(4, 3, 32, 32) + rank for _ in range(2)] for rank in range(2)]
+    torch.multiprocessing.spawn(precise_bn_rank, args=(str(tmp_path / "init"), batches), nprocs=2)
+    rank0, rank1 = torch.load(tmp_path / "init.out", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
+    model = small("vitc_1gf")
+    for bn, stat in zip(train.batch_norms(model), rank0):
+        bn.running_mean.copy_(stat[0])
+        bn.running_var.copy_(stat[1])
+    assert_running_stats(model, batch_statistics(small("vitc_1gf"), batches[0] + batches[1]))
 
 
-def test_fake_data_runs(tmp_path):
-    argv = ["--data", "fake", "--fake-size", "32", "--out", str(tmp_path), "--img-size", "32",
-            "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
-            "--stem", "patch", "--size", "1gf", "--no-autoaugment"]
-    assert train.cli(argv) == 0
-    (record,) = read_log(tmp_path)
-    assert record["val_images"] == 8 and record["step"] == 2
+@pytest.mark.parametrize("size, lr, wd", [("1gf", 1e-3, 0.24), ("4gf", 1e-3, 0.24),
+                                          ("18gf", 1e-3, 0.24), ("36gf", 6e-4, 0.28)])
+def test_adamw_defaults_are_the_papers_peak_settings(size, lr, wd):
+    for stem in ("patch", "conv"):  # section 6: 6.0e-4 / 0.28 for both 36GF models
+        args = train.parse_args(["--data", "fake", "--stem", stem, "--size", size])
+        assert (args.lr, args.wd) == (lr, wd)
+
+
+def test_defaults_are_the_official_recipe():
+    args = train.parse_args(["--data", "fake"])
+    assert (args.autoaugment, args.lighting, args.precise_bn) == ("v0", 0.1, 8192)
+    assert (args.mixup, args.cutmix, args.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (args.ema, args.ema_period, args.ema_alpha) == (True, 32, 1e-5)
+    assert (args.batch_size, args.epochs, args.warmup_epochs) == (2048, 400, 5)
+    assert args.eval_precision == "fp32"
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2048)" in text and "(default: v0)" in text and "(default: 8192)" in text
 
 
 def test_mixup_targets_carry_no_label_smoothing():
@@ -435,9 +608,172 @@ def test_ema_update_blends_floats_and_copies_counters():
     assert torch.allclose(ema.weight, torch.full((2,), 2.0)) and ema.num_batches_tracked == 5
 
 
+# ------------------------------------------------------------------------------------------------
+# train.py runs, on a tiny ImageFolder of generated JPEGs. Every test's folder is deleted when it
+# ends: a checkpoint of even the smallest paper model is ~75 MB.
+# ------------------------------------------------------------------------------------------------
+
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = ("cat", "dog", "fox"), 8, 3  # 9 val: odd, for 2 ranks
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path):
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def write_images(folder, count, seed, start=0):
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + count):
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    for c, name in enumerate(CLASSES):
+        write_images(root / "train" / name, TRAIN_PER_CLASS, seed=c)
+        write_images(root / "val" / name, VAL_PER_CLASS, seed=100 + c)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def tiny(data, out, *extra):
+    """A run of seconds with every recipe default on: 32 px, global batch 8, 3 steps per epoch."""
+    return ["--data", str(data), "--out", str(out), "--model", "vitc_1gf", "--img-size", "32",
+            "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--ema-period", "1",
+            "--workers", "0", *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def read_log(out):
+    return read_jsonl(Path(out) / "log.jsonl")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torchrun_two_ranks(argv):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "train.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="session")
+def full_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert train.cli(tiny(data, out, "--workers", "1")) == 0
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_run_writes_checkpoint_log_and_what_it_resolved(full_run):
+    (entry,) = read_jsonl(full_run / "args.jsonl")
+    assert entry["command"][:3] == ["train.py", "--data", str(full_run.parent / "imagenet0")]
+    args, resolved = entry["args"], entry["resolved"]
+    assert args["model"] == "vitc_1gf" and args["lr"] == 1e-3 and args["wd"] == 0.24
+    assert resolved["peak_lr"] == pytest.approx(1e-3 * 8 / 2048)  # the lr actually used
+    assert (resolved["world_size"], resolved["micro_batch"], resolved["accum_steps"]) == (1, 8, 1)
+    assert resolved["workers"] == 1 and resolved["start_step"] == 0
+    assert (resolved["train_precision"], resolved["eval_precision"]) == ("fp32", "fp32")
+    assert resolved["device"].startswith("cpu") and resolved["torch"] == torch.__version__
+    assert resolved["torchvision"] == torchvision.__version__
+    log = read_log(full_run)
+    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 2 * 3
+    for record in log:
+        for key in ("lr", "train_loss", "val_top1", "val_top5", "ema_top1", "ema_top5",
+                    "epoch_time", "images_per_sec"):
+            assert math.isfinite(record[key]), key
+        assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS and record["unreadable"] == 0
+        assert "resumed_mid_epoch" not in record and "val_unreadable" not in record
+    ckpt = load(full_run / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 6) and ckpt["args"]["model"] == "vitc_1gf"
+    assert ckpt["scheduler"]["last_epoch"] == 6 and len(ckpt["rng"]) == 1
+    model = vitc.create_model("vitc_1gf", num_classes=3, img_size=32)
+    model.load_state_dict(ckpt["model"])  # plain keys: unwrapped, uncompiled
+    assert load(full_run / "best.pt")["model"].keys() == ckpt["ema"].keys()
+    assert not list(full_run.glob("*.tmp"))
+
+
+def test_resume_with_every_default_on_gives_the_same_weights(data, full_run, tmp_path):
+    # tiny() leaves the recipe's defaults on: AutoAugment v0, lighting, mixup/CutMix, label
+    # smoothing, EMA and precise BN, whose statistics are in the compared state dicts.
+    assert train.cli(tiny(data, tmp_path, "--workers", "1", "--stop-after", "1")) == 0
+    assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert train.cli(tiny(data, tmp_path, "--workers", "1", "--resume", "auto")) == 0
+    resumed, full = load(tmp_path / "checkpoint.pt"), load(full_run / "checkpoint.pt")
+    for part in ("model", "ema"):
+        for key, value in full[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+    assert read_log(tmp_path) == [dict(r, epoch_time=r2["epoch_time"],
+                                       images_per_sec=r2["images_per_sec"])
+                                  for r, r2 in zip(read_log(full_run), read_log(tmp_path))]
+    first, second = read_jsonl(tmp_path / "args.jsonl")  # the history of both invocations
+    assert first["args"]["stop_after"] == 1 and second["args"]["resume"] == "auto"
+    assert (first["resolved"]["start_step"], second["resolved"]["start_step"]) == (0, 3)
+    args = second["args"]
+    assert (args["autoaugment"], args["lighting"], args["precise_bn"]) == ("v0", 0.1, 8192)
+    assert (args["mixup"], args["cutmix"], args["label_smoothing"]) == (0.8, 1.0, 0.1)
+
+
+def test_precise_bn_changes_only_the_bn_statistics(data, full_run, tmp_path):
+    # It draws from its own RNG: turning it off leaves every weight of the run as it was.
+    assert train.cli(tiny(data, tmp_path, "--workers", "1", "--precise-bn", "0")) == 0
+    plain, precise = load(tmp_path / "checkpoint.pt"), load(full_run / "checkpoint.pt")
+    names = {name for name, _ in vitc.create_model("vitc_1gf").named_parameters()}
+    for part in ("model", "ema"):
+        assert all(torch.equal(plain[part][k], precise[part][k]) for k in names)
+        stats = [k for k in names ^ plain[part].keys() if k.endswith("running_var")]
+        assert stats and all(not torch.equal(plain[part][k], precise[part][k]) for k in stats)
+
+
+def test_torchrun_two_ranks_counts_every_val_image_once(data, tmp_path):
+    # Two gloo ranks, with gradient accumulation (micro-batches of 2, DDP's no_sync path).
+    proc = torchrun_two_ranks(tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0",
+                                   "--accum-steps", "2", "--workers", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = read_log(tmp_path)
+    assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS  # 5 on rank 0, 4 on rank 1
+    assert record["step"] == 3  # 24 images / global batch 8
+    assert len(load(tmp_path / "checkpoint.pt")["rng"]) == 2
+    assert proc.stdout.count("vitc_1gf:") == 1  # rank 1 prints nothing
+    (entry,) = read_jsonl(tmp_path / "args.jsonl")
+    assert (entry["resolved"]["world_size"], entry["resolved"]["micro_batch"]) == (2, 2)
+
+
+def test_fake_data_runs_with_bf16_evaluation(tmp_path):
+    argv = ["--data", "fake", "--fake-size", "32", "--out", str(tmp_path), "--img-size", "32",
+            "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
+            "--stem", "patch", "--size", "1gf", "--autoaugment", "none", "--eval-precision",
+            "bf16"]
+    assert train.cli(argv) == 0
+    (record,) = read_log(tmp_path)
+    assert record["val_images"] == 8 and record["step"] == 2
+    assert read_jsonl(tmp_path / "args.jsonl")[0]["resolved"]["eval_precision"] == "bf16"
+
+
+def test_each_run_gets_a_new_folder_unless_out_is_given(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", str(data), "--model", "vitp_1gf", "--img-size", "16", "--batch-size", "24",
+            "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--no-ema"]
+    assert train.cli(argv) == 0 and train.cli(argv) == 0  # the same command twice
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(run.name.startswith("vitp_1gf-") for run in runs)
+    assert all((run / "checkpoint.pt").is_file() for run in runs)
+    assert "pass --out" in run_failing([*argv, "--resume", "auto"], capsys)
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
 def run_failing(argv, capsys, training_started=False):
     """Runs train.py in-process, expecting exit status 2 and a one-line error (after the progress
-    bars, when training had started)."""
+    bars and warnings, when training had started)."""
     capsys.readouterr()
     code = train.cli(argv)
     lines = capsys.readouterr().err.strip().splitlines()
@@ -468,19 +804,25 @@ def test_bad_arguments_fail_with_one_line(data, tmp_path, capsys):
     assert "not divisible" in err
     assert "--epochs" in run_failing(tiny(data, tmp_path, "--warmup-epochs", "5"), capsys)
     assert "invalid choice" in run_failing(tiny(data, tmp_path, "--stem", "hybrid"), capsys)
+    assert "invalid choice" in run_failing(tiny(data, tmp_path, "--autoaugment", "v1"), capsys)
     err = run_failing(tiny(data, tmp_path, "--model", "vitc_36gf", "--optimizer", "sgd"), capsys)
     assert "no SGD settings" in err
     assert "--ema-alpha" in run_failing(tiny(data, tmp_path, "--ema-alpha", "-1"), capsys)
     assert "--cutmix" in run_failing(tiny(data, tmp_path, "--cutmix", "nan"), capsys)
+    assert "--lighting" in run_failing(tiny(data, tmp_path, "--lighting", "-0.1"), capsys)
+    assert "--precise-bn" in run_failing(tiny(data, tmp_path, "--precise-bn", "-1"), capsys)
     assert "multiple of 16" in run_failing(tiny(data, tmp_path, "--img-size", "40"), capsys)
     (tmp_path / "file").write_text("")
     assert "not a folder" in run_failing(tiny(data, tmp_path / "file"), capsys)
 
 
-def test_batch_not_divisible_by_world_size_under_torchrun(data, tmp_path):
+def test_bad_input_under_torchrun_is_the_first_line_and_the_root_cause(data, tmp_path):
     proc = torchrun_two_ranks(tiny(data, tmp_path, "--batch-size", "9"))
     assert proc.returncode != 0
-    assert "--batch-size 9 is not divisible by world size 2" in proc.stderr
+    line = "train.py: error: --batch-size 9 is not divisible by world size 2 x --accum-steps 1"
+    assert proc.stderr.lstrip().splitlines()[0] == line, proc.stderr
+    root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : {line}\n" in root_cause and "Traceback" not in root_cause
 
 
 def test_resume_from_another_model_or_recipe_is_refused(data, full_run, tmp_path, capsys):
@@ -518,21 +860,147 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, cap
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resume_finishes(tmp_path):
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, capsys,
+                                                                  monkeypatch):
+    assert train.cli(tiny(data, tmp_path, "--stop-after", "1")) == 0
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    err = run_failing(tiny(data, tmp_path, "--resume", "auto"), capsys, training_started=True)
+    assert "No space left on device" in err and "intact" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved and not list(tmp_path.glob("*.tmp"))
+
+
+def write_odd_and_bad_images(root):
+    """Images that must just work (grayscale, RGBA, palette, CMYK) in train/cat, and an
+    unreadable file in each train class (truncated, empty, not an image) and in val/cat."""
+    noise = torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(7),
+                          dtype=torch.uint8).numpy()
+    rgb = Image.fromarray(noise)
+    rgb.convert("L").save(root / "train" / "cat" / "grey.jpg")
+    rgb.convert("RGBA").save(root / "train" / "cat" / "rgba.png")
+    rgb.convert("P").save(root / "train" / "cat" / "palette.png")
+    rgb.convert("CMYK").save(root / "train" / "cat" / "cmyk.jpg")
+    encoded = io.BytesIO()
+    rgb.save(encoded, "JPEG")
+    (root / "train" / "cat" / "truncated.jpg").write_bytes(encoded.getvalue()[:500])
+    (root / "train" / "dog" / "empty.jpg").write_bytes(b"")
+    (root / "train" / "fox" / "notes.jpg").write_text("not an image\n")
+    (root / "val" / "cat" / "truncated.jpg").write_bytes(encoded.getvalue()[:500])
+    write_images(root / "train" / "fox", 1, seed=9, start=100)  # 32 train files: 4 full batches
+
+
+def test_unreadable_images_are_named_replaced_and_counted(data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    write_odd_and_bad_images(root)
+    capsys.readouterr()
+    assert train.cli(tiny(root, tmp_path / "run", "--max-bad-fraction", "0.5")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    for name, reason in [("cat/truncated.jpg", "truncated"), ("dog/empty.jpg", "cannot identify"),
+                         ("fox/notes.jpg", "cannot identify")]:
+        assert sum(f"train/{name} (" in line and reason in line for line in warnings) == 2  # epochs
+    assert sum("val/cat/truncated.jpg" in line for line in warnings) == 4  # model and EMA, x 2
+    assert not [line for line in warnings if any(n in line for n in ("grey", "rgba", "palette",
+                                                                      "cmyk"))]
+    for record in read_log(tmp_path / "run"):
+        assert record["unreadable"] == 3 and record["step"] % 4 == 0  # all 32 files each epoch
+        assert record["val_images"] == 9 and record["val_unreadable"] == 1  # never silently
+
+
+def test_too_many_unreadable_images_stop_the_run(data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    write_odd_and_bad_images(root)
+    err = run_failing(tiny(root, tmp_path / "run"), capsys, training_started=True)
+    assert "unreadable train images in epoch 1" in err and "--max-bad-fraction 0.01" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_logs_the_whole_epoch(tmp_path):
     argv = ["--data", "fake", "--fake-size", "400", "--out", str(tmp_path), "--img-size", "32",
             "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0"]
     proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "args.json").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2.0)  # a few steps in
+    progress = ""
+    while not re.search(r"\| *([3-9]|\d\d+)/100 ", progress):  # wait for step 3 of 100
+        chunk = proc.stderr.read(64)
+        assert chunk, f"train.py ended before step 3: {progress[-2000:]}"
+        progress += chunk
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "stopped by SIGTERM" in out and "--resume auto" in out
+    assert proc.returncode == 0, (progress + err)[-2000:]
+    assert "stopped by SIGTERM" in out and f"--out {tmp_path} --resume auto" in out
     ckpt = load(tmp_path / "checkpoint.pt")
-    assert ckpt["epoch"] == 0 and 0 < ckpt["step"] < 100
+    assert ckpt["epoch"] == 0 and 3 <= ckpt["step"] < 100
+    assert ckpt["progress"]["steps"] == ckpt["step"]  # the figures of the steps done so far
     assert train.cli([*argv, "--resume", "auto"]) == 0
     (record,) = read_log(tmp_path)
     assert record["epoch"] == 1 and record["step"] == 100  # the remaining steps, not a restart
+    assert record["resumed_mid_epoch"] and record["epoch_time"] > ckpt["progress"]["epoch_time"]
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py learns: the paper's two 1GF models, trained briefly on generated images
+# ------------------------------------------------------------------------------------------------
+
+PATTERNS = ("hstripes", "vstripes", "disc", "gradient")  # chance: 25% top-1
+
+
+def draw_pattern(kind, rng, size=40):
+    """A random-coloured image whose class is its pattern: horizontal or vertical stripes of
+    random period and phase, a disc of random size and place, or a smooth gradient."""
+    background = tuple(rng.randrange(256) for _ in range(3))
+    colour = tuple((c + rng.randrange(96, 160)) % 256 for c in background)
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    period, phase = rng.randrange(8, 17), rng.randrange(16)
+    if kind == "hstripes":
+        for y in range(-phase, size, period):
+            draw.rectangle([0, y, size, y + period // 2 - 1], fill=colour)
+    elif kind == "vstripes":
+        for x in range(-phase, size, period):
+            draw.rectangle([x, 0, x + period // 2 - 1, size], fill=colour)
+    elif kind == "disc":
+        r = rng.randrange(size // 4, size // 2)
+        x, y = rng.randrange(r, size - r + 1), rng.randrange(r, size - r + 1)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    else:
+        vertical = rng.random() < 0.5
+        for i in range(size):
+            shade = tuple(round(b + (c - b) * i / (size - 1)) for b, c in zip(background, colour))
+            draw.line([(i, 0), (i, size)] if vertical else [(0, i), (size, i)], fill=shade)
+    return image
+
+
+@pytest.fixture(scope="module")
+def patterns(tmp_path_factory):
+    root, rng = tmp_path_factory.mktemp("patterns"), random.Random(0)
+    for split, count in (("train", 80), ("val", 50)):  # 320 train and 200 val images
+        for kind in PATTERNS:
+            (root / split / kind).mkdir(parents=True)
+            for i in range(count):
+                draw_pattern(kind, rng).save(root / split / kind / f"{i}.png")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ViT_C-1GF runs the whole default pipeline (AutoAugment v0, lighting, mixup/CutMix, label
+# smoothing, EMA, precise BN), which slows learning this short; ViT_P-1GF runs it without
+# mixup/CutMix. Over seeds 0-4 (seed 0 is the test's) they ended at 60-74% and 94-97% val top-1.
+@pytest.mark.parametrize("model, extra, threshold", [
+    ("vitc_1gf", [], 45),
+    ("vitp_1gf", ["--mixup", "0", "--cutmix", "0"], 75),
+])
+def test_train_py_learns_far_above_chance(patterns, tmp_path, model, extra, threshold):
+    argv = ["--data", str(patterns), "--out", str(tmp_path / "run"), "--model", model,
+            "--img-size", "32", "--batch-size", "16", "--epochs", "15", "--warmup-epochs", "1",
+            "--lr", "0.03", "--ema-period", "1", "--ema-alpha", "0.02", "--precise-bn", "64",
+            "--eval-every", "15", "--workers", "0", *extra]
+    assert train.cli(argv) == 0
+    final = read_log(tmp_path / "run")[-1]
+    assert final["val_images"] == 200
+    assert final["val_top1"] > threshold and final["ema_top1"] > threshold, final

@@ -6,27 +6,34 @@ One file runs on one device or under torchrun (DDP: NCCL on GPUs, gloo on the CP
     python train.py --stem conv --size 4gf --data /imagenet                        # one GPU
     torchrun --nproc_per_node=8 train.py --stem conv --size 4gf --data /imagenet   # 8 GPUs
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
-        --rdzv-id=vitc train.py --stem conv --size 18gf --data /imagenet            # on each node
+        --rdzv-id=vitc train.py --stem conv --size 18gf --data /imagenet \\
+        --out /shared/runs/vitc_18gf                                               # on each node
 
-DIR holds train/ and val/ in ImageFolder layout (or set IMAGENET=DIR). --data fake uses random
-images and learns nothing: it only exercises the pipeline. Defaults are the paper's peak runs
-(section 6): 400 epochs at global batch 2048, AdamW lr 1e-3 wd 0.24, 5 warmup epochs, cosine,
-AutoAugment + mixup/CutMix + label smoothing, EMA of the weights for evaluation.
-Writes OUT/args.json, OUT/log.jsonl (a line per epoch), OUT/checkpoint.pt and OUT/best.pt;
---resume auto continues a run, SIGTERM/SIGINT checkpoints and exits cleanly.
+--data DIR names a folder with train/ and val/ in ImageFolder layout (or set IMAGENET=DIR);
+--data fake uses random images and learns nothing: it only exercises the pipeline. The defaults
+are the paper's peak runs (section 6) with the official trainer's details (pycls, branch
+vitconfigs): 400 epochs at global batch 2048, AdamW, 5 warmup epochs, cosine; AutoAugment "v0",
+PCA lighting, mixup/CutMix, label smoothing; an EMA of the weights; precise BatchNorm statistics
+before every evaluation. Each run writes to a new folder runs/MODEL-DATE-TIME unless --out is
+given: args.jsonl (a line per invocation: arguments and what the run resolved them to), log.jsonl
+(a line per epoch), checkpoint.pt and best.pt. --out DIR --resume auto continues a run;
+SIGTERM/SIGINT checkpoint and exit cleanly.
 
-Measured so far: the README's smoke test (ViT_C-1GF at 224 px, two epochs of 640 fake images)
-takes about 2 minutes on a 2-core CPU. No ImageNet run has been made with this script yet, so it
-does not yet claim the paper's accuracies.
+Measured so far (2-core CPU): the README's quick start (ViT_C-1GF at 224 px, two epochs of 640
+fake images) takes about a minute, and a test trains ViT_C-1GF and ViT_P-1GF to far above chance
+on generated images. No ImageNet run has been made with this script yet, so it does not yet claim
+the paper's accuracies.
 """
 
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import json
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -35,26 +42,38 @@ from itertools import islice
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import vitc
 
-# Paper settings (PAPER.md): peak runs (section 6) for AdamW; the per-model SGD settings tuned at
-# 50 epochs (section 5). Learning rates are for global batch 2048 and scale linearly with it.
+# Learning rates are quoted at global batch 2048 and scale linearly with it (section 5.4).
+# AdamW: the peak runs of section 6, "1.0e-3/0.24 ... except for the 36GF models", for which the
+# paper found 6.0e-4/0.28 "to be more effective" (the official configs/vitconv_baselines/vit/
+# ViT-{P,C}-36GF_adamw_32gpus.yaml say 7e-4 / 0.24). SGD: the per-model values tuned at 50 epochs
+# (Table 4); the paper gives none for 36GF.
 ADAMW = {"1gf": (1e-3, 0.24), "4gf": (1e-3, 0.24), "18gf": (1e-3, 0.24), "36gf": (6e-4, 0.28)}
 SGD = {"vitp_1gf": (1.9, 1.3e-5), "vitp_4gf": (1.9, 1.3e-5), "vitp_18gf": (1.1, 1.2e-5),
        "vitc_1gf": (1.9, 1.3e-5), "vitc_4gf": (1.3, 2.2e-5), "vitc_18gf": (1.1, 2.7e-5)}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# PCA lighting (AlexNet): eigenvalues and eigenvectors (columns) of the covariance of ImageNet's
+# RGB pixels in [0, 1], as in fb.resnet.torch and the official pycls/datasets/imagenet.py.
+EIGVAL = (0.2175, 0.0188, 0.0045)
+EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 
 class RunError(Exception):
-    """Bad input: reported as one line, exit status 2."""
+    """Bad input or a run that cannot go on: reported as one line, exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,11 +82,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = Parser(description="Train the paper's ViT_P / ViT_C (see the module docstring).")
+    p = Parser(description="Train the paper's ViT_P / ViT_C (see the module docstring).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=os.environ.get("IMAGENET"),
                    help="folder with train/ and val/ (default: $IMAGENET), or 'fake' for random "
                         "images that learn nothing (a smoke test of the pipeline)")
-    p.add_argument("--out", help="output folder (default: runs/MODEL)")
+    p.add_argument("--out", help="run folder (default: a new runs/MODEL-DATE-TIME)")
     p.add_argument("--stem", choices=["patch", "conv"], default="conv")
     p.add_argument("--size", choices=["1gf", "4gf", "18gf", "36gf"], default="1gf")
     p.add_argument("--model", help="a paper variant by name, e.g. vitc_4gf (overrides stem/size)")
@@ -79,21 +99,32 @@ def parse_args(argv):
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--lr", type=float, help="peak lr at batch 2048 (default: the paper's)")
     p.add_argument("--wd", type=float, help="weight decay (default: the paper's)")
-    p.add_argument("--autoaugment", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--autoaugment", choices=["v0", "imagenet", "none"], default="v0",
+                   help="v0: the official code's policy; imagenet: torchvision's ImageNet policy")
+    p.add_argument("--lighting", type=float, default=0.1, help="PCA lighting noise std, 0 = off")
     p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0 = off")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha, 0 = off")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ema-period", type=int, default=32, help="update the EMA every N steps")
     p.add_argument("--ema-alpha", type=float, default=1e-5, help="official EMA_ALPHA")
+    p.add_argument("--precise-bn", type=int, default=8192, metavar="N",
+                   help="recompute BatchNorm statistics from N train images before every "
+                        "evaluation, 0 = off (no effect on ViT_P, which has no BatchNorm)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (the CPU always runs fp32)")
+    p.add_argument("--train-precision", choices=["bf16", "fp32"],
+                   help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--eval-precision", choices=["bf16", "fp32"], default="fp32",
+                   help="fp32 as the official code, or bf16 autocast (faster on GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--workers", type=int, help="data loader processes per rank")
+    p.add_argument("--workers", type=int, help="data loader processes per rank "
+                   "(default: the CPU cores per local rank, at most 8)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of a global batch or of an epoch's "
+                        "images is unreadable (unreadable train images are replaced)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume",
-                   help="checkpoint to resume from, or 'auto': OUT/checkpoint.pt if there is one")
+    p.add_argument("--resume", help="checkpoint to continue from, or 'auto': "
+                   "OUT/checkpoint.pt if there is one (needs --out)")
     p.add_argument("--stop-after", type=int, help="train at most N epochs in this invocation, "
                    "then checkpoint and exit (for job time limits; continue with --resume auto)")
     p.add_argument("--fake-size", type=int, default=2048, help="--data fake: train images")
@@ -107,8 +138,17 @@ def parse_args(argv):
         raise RunError(f"the paper gives no SGD settings for {args.model}: pass --lr and --wd")
     args.lr = default[0] if args.lr is None else args.lr
     args.wd = default[1] if args.wd is None else args.wd
-    args.out = args.out or os.path.join("runs", args.model)
-    checks = {  # every number the run depends on, checked before anything starts
+    if args.resume == "auto" and not args.out:
+        raise RunError("--resume auto continues the run in --out: pass --out RUN_FOLDER")
+    if args.resume and args.resume != "auto" and not args.out:
+        args.out = os.path.dirname(args.resume) or "."  # continue in the checkpoint's folder
+    check_numbers(args)
+    return args
+
+
+def check_numbers(args):
+    """Every number the run depends on, checked before anything starts."""
+    checks = {
         "--img-size must be a positive multiple of 16":
             args.img_size >= 16 and args.img_size % 16 == 0,
         "--epochs, --batch-size and --accum-steps must be at least 1":
@@ -116,19 +156,20 @@ def parse_args(argv):
         "need 0 <= --warmup-epochs < --epochs": 0 <= args.warmup_epochs < args.epochs,
         "need a finite --lr > 0 and --wd >= 0":
             args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd),
-        "--mixup and --cutmix must be finite and >= 0 (0 = off)":
-            all(math.isfinite(a) and a >= 0 for a in (args.mixup, args.cutmix)),
+        "--mixup, --cutmix and --lighting must be finite and >= 0 (0 = off)":
+            all(math.isfinite(a) and a >= 0 for a in (args.mixup, args.cutmix, args.lighting)),
         "--ema-alpha must be finite and > 0": math.isfinite(args.ema_alpha) and args.ema_alpha > 0,
         "--label-smoothing must be in [0, 1)": 0 <= args.label_smoothing < 1,
+        "--max-bad-fraction must be in [0, 1]": 0 <= args.max_bad_fraction <= 1,
         "--ema-period, --eval-every and --fake-size must be at least 1":
             min(args.ema_period, args.eval_every, args.fake_size) >= 1,
-        "--workers must be >= 0": args.workers is None or args.workers >= 0,
+        "--workers and --precise-bn must be >= 0":
+            (args.workers is None or args.workers >= 0) and args.precise_bn >= 0,
         "--stop-after must be at least 1": args.stop_after is None or args.stop_after >= 1,
     }
     for message, ok in checks.items():
         if not ok:
             raise RunError(message)
-    return args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,23 +196,182 @@ def all_sum(tensor, world_size):
     return tensor
 
 
+def resolve_out(args, rank, world_size):
+    """A new folder runs/MODEL-DATE-TIME unless --out was given; rank 0 picks it for all ranks."""
+    if args.out:
+        return args.out
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = base = os.path.join("runs", f"{args.model}-{stamp}")
+    for n in range(2, 1000):
+        if not os.path.exists(out):
+            break
+        out = f"{base}-{n}"
+    if world_size > 1:
+        shared = [out]
+        dist.broadcast_object_list(shared, 0)
+        out = shared[0]
+    return out
+
+
+def resolve_precision(args, device):
+    """bf16 autocast for training on CUDA, fp32 on the CPU, unless asked otherwise."""
+    if args.train_precision is None:
+        args.train_precision = "bf16" if device.type == "cuda" else "fp32"
+
+
 # ------------------------------------------------------------------------------------------------
-# Data: ImageFolder (or FakeData) -> uint8 tensors; normalisation and mixup/CutMix on the device.
+# AutoAugment "v0" (the policy the official trainer uses) on uint8 image tensors
 # ------------------------------------------------------------------------------------------------
+
+# The v0 policy of the TF EfficientNet code (tensorflow/tpu, models/official/efficientnet/
+# autoaugment.py, policy_v0), used by the official pycls/datasets/augment.py and known as timm's
+# "v0": one of 25 sub-policies per image, each two (op, probability, level) steps, a step running
+# with its probability. Levels are the published 0-10; AUTOAUGMENT_OPS maps them to magnitudes.
+AUTOAUGMENT_V0 = (
+    (("equalize", 0.8, 1), ("shear_y", 0.8, 4)),
+    (("color", 0.4, 9), ("equalize", 0.6, 3)),
+    (("color", 0.4, 1), ("rotate", 0.6, 8)),
+    (("solarize", 0.8, 3), ("equalize", 0.4, 7)),
+    (("solarize", 0.4, 2), ("solarize", 0.6, 2)),
+    (("color", 0.2, 0), ("equalize", 0.8, 8)),
+    (("equalize", 0.4, 8), ("solarize_add", 0.8, 3)),
+    (("shear_x", 0.2, 9), ("rotate", 0.6, 8)),
+    (("color", 0.6, 1), ("equalize", 1.0, 2)),
+    (("invert", 0.4, 9), ("rotate", 0.6, 0)),
+    (("equalize", 1.0, 9), ("shear_y", 0.6, 3)),
+    (("color", 0.4, 7), ("equalize", 0.6, 0)),
+    (("posterize", 0.4, 6), ("auto_contrast", 0.4, 7)),
+    (("solarize", 0.6, 8), ("color", 0.6, 9)),
+    (("solarize", 0.2, 4), ("rotate", 0.8, 9)),
+    (("rotate", 1.0, 7), ("translate_y", 0.8, 9)),
+    (("shear_x", 0.0, 0), ("solarize", 0.8, 4)),
+    (("shear_y", 0.8, 0), ("color", 0.6, 4)),
+    (("color", 1.0, 0), ("rotate", 0.6, 2)),
+    (("equalize", 0.8, 4), ("equalize", 0.0, 8)),
+    (("equalize", 1.0, 4), ("auto_contrast", 0.6, 2)),
+    (("shear_y", 0.4, 7), ("solarize_add", 0.6, 7)),
+    (("posterize", 0.8, 2), ("solarize", 0.6, 10)),
+    (("solarize", 0.6, 8), ("equalize", 0.6, 1)),
+    (("color", 0.8, 6), ("rotate", 0.4, 5)),
+)
+GREY = [128.0, 128.0, 128.0]  # fill of the geometric ops, which interpolate bilinearly
+BILINEAR = T.InterpolationMode.BILINEAR
+
+
+def _shear(image, factor, axis):  # about the top-left corner, like PIL's affine transform
+    angle = [0.0, 0.0]
+    angle[axis] = math.degrees(math.atan(factor))
+    return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=angle,
+                     interpolation=BILINEAR, fill=GREY, center=[0, 0])
+
+
+def _translate_y(image, fraction):  # whole pixels
+    shift = [0, round(fraction * image.shape[-2])]
+    return TF.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0],
+                     interpolation=BILINEAR, fill=GREY)
+
+
+def _solarize_add(image, amount):  # add `amount` to pixels below 128, saturating at 255
+    return torch.where(image < 128, (image.int() + amount).clamp_(max=255).to(image.dtype), image)
+
+
+# op: (function of (uint8 image, magnitude), magnitude at level 0 and at level 10, random sign?).
+# The magnitudes of the official code: rotate 30 degrees, shear 0.3, translate 45% of the height,
+# posterize to int(4 m) bits but at least 1, solarize above int(256 m), solarize-add int(110 m),
+# colour (saturation) factor 0.1 + 1.8 m, for m = level / 10.
+AUTOAUGMENT_OPS = {
+    "auto_contrast": (lambda x, _: TF.autocontrast(x), (0, 0), False),
+    "equalize": (lambda x, _: TF.equalize(x), (0, 0), False),
+    "invert": (lambda x, _: TF.invert(x), (0, 0), False),
+    "rotate": (lambda x, v: TF.rotate(x, v, BILINEAR, fill=GREY), (0, 30), True),
+    "shear_x": (lambda x, v: _shear(x, v, 0), (0, 0.3), True),
+    "shear_y": (lambda x, v: _shear(x, v, 1), (0, 0.3), True),
+    "translate_y": (_translate_y, (0, 0.45), True),
+    "posterize": (lambda x, v: TF.posterize(x, max(1, int(v))), (0, 4), False),
+    "solarize": (lambda x, v: x if v >= 256 else TF.solarize(x, int(v)), (0, 256), False),
+    "solarize_add": (lambda x, v: _solarize_add(x, int(v)), (0, 110), False),
+    "color": (lambda x, v: TF.adjust_saturation(x, v), (0.1, 1.9), False),
+}
+
+
+def autoaugment_magnitude(op, level):
+    low, high = AUTOAUGMENT_OPS[op][1]
+    return low + (high - low) * level / 10
+
+
+class AutoAugmentV0(nn.Module):
+    """AutoAugment with the v0 policy on (3, H, W) uint8 tensors; draws from torch's RNG."""
+
+    def forward(self, image):
+        policy = AUTOAUGMENT_V0[int(torch.randint(len(AUTOAUGMENT_V0), ()))]
+        for op, probability, level in policy:
+            if torch.rand(()) < probability:
+                function, _, signed = AUTOAUGMENT_OPS[op]
+                magnitude = autoaugment_magnitude(op, level)
+                if signed and torch.rand(()) < 0.5:
+                    magnitude = -magnitude
+                image = function(image, magnitude)
+        return image
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: ImageFolder (or FakeData) -> uint8 tensors; lighting, normalisation, mixup on the device
+# ------------------------------------------------------------------------------------------------
+
+
+class ImageFiles(datasets.ImageFolder):
+    """ImageFolder whose items are (image, label, unreadable) and that survives bad files.
+
+    `unreadable` names the files that could not be decoded ("" if none), one per line with the
+    reason. In the train set such a file is replaced by the next readable one; in the val set it
+    yields a blank image with label -1, which evaluation counts and leaves out."""
+
+    def __init__(self, root, transform, replace, blank_size):
+        super().__init__(root, transform)
+        self.replace, self.blank_size = replace, blank_size
+
+    def __getitem__(self, index):
+        bad, tries = [], 64 if self.replace else 1
+        for i in range(index, index + tries):
+            path, label = self.samples[i % len(self.samples)]
+            try:
+                image = self.loader(path)  # PIL: decode and convert to RGB
+            except Exception as e:  # truncated, empty, not an image, unreadable...
+                reason = str(e).splitlines()[0] if str(e) else ""
+                bad.append(f"{path} ({type(e).__name__}: {reason})")
+                continue
+            return self.transform(image), label, "\n".join(bad)
+        blank = Image.new("RGB", (self.blank_size, self.blank_size))
+        return self.transform(blank), -1, "\n".join(bad)
+
+
+class FakeImages(datasets.FakeData):
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return image, label, ""
+
+
+def build_transforms(args):
+    """Train: random resized crop, flip, AutoAugment; test: resize 256, centre crop 224 (scaled
+    with --img-size). Both end in uint8 tensors."""
+    size, resize = args.img_size, round(args.img_size * 256 / 224)
+    train = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+             T.PILToTensor()]
+    if args.autoaugment == "v0":
+        train.append(AutoAugmentV0())
+    elif args.autoaugment == "imagenet":
+        train.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
+    return T.Compose(train), T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
 
 
 def build_datasets(args):
     """(train set, val set, number of classes); FakeData mimics ImageNet's 1000 classes."""
-    size, resize = args.img_size, round(args.img_size * 256 / 224)  # test: resize 256, crop 224
-    train_tf = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip()]
-    if args.autoaugment:
-        train_tf.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
-    train_tf = T.Compose(train_tf + [T.PILToTensor()])
-    val_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
+    train_tf, val_tf = build_transforms(args)
     if args.data == "fake":
+        resize = round(args.img_size * 256 / 224)
         shape, val_size = (3, resize, resize), max(1, args.fake_size // 4)
-        val_set = datasets.FakeData(val_size, shape, 1000, val_tf, random_offset=args.fake_size)
-        return datasets.FakeData(args.fake_size, shape, 1000, train_tf), val_set, 1000
+        val_set = FakeImages(val_size, shape, 1000, val_tf, random_offset=args.fake_size)
+        return FakeImages(args.fake_size, shape, 1000, train_tf), val_set, 1000
     if not args.data:
         raise RunError("no data: pass --data /path/to/imagenet (with train/ and val/), set "
                        "IMAGENET=/path/to/imagenet, or use --data fake for a smoke test")
@@ -184,7 +384,8 @@ def build_datasets(args):
             raise RunError(f"{folder}: missing (expected {args.data}/train and {args.data}/val "
                            f"with one sub-folder of images per class)")
         try:
-            sets.append(datasets.ImageFolder(folder, tf))
+            sets.append(ImageFiles(folder, tf, replace=split == "train",
+                                   blank_size=args.img_size))
         except OSError as e:  # e.g. FileNotFoundError for an empty class folder
             raise RunError(f"{folder}: {str(e).splitlines()[0]}") from None
     if sets[0].classes != sets[1].classes:
@@ -214,17 +415,35 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
+def unreadable_files(run, bad):
+    """Warns about each unreadable file in a batch's `bad` strings; returns how many there were."""
+    files = [line for entry in bad if entry for line in entry.split("\n")]
+    prefix = f"[rank {run.rank}] " if run.world_size > 1 else ""
+    for line in files:
+        tqdm.write(f"train.py: warning: {prefix}unreadable image {line}", file=sys.stderr)
+    return len(files)
+
+
 @functools.cache
-def normalisation(device):  # made once per device: a fresh host-to-GPU copy would block the host
+def device_constants(device):
+    """Normalisation and PCA-lighting constants in 0-255 units, made once per device (a fresh
+    host-to-GPU copy every step would block the host)."""
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    return mean, torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    pca = torch.tensor(EIGVEC, device=device) * torch.tensor(EIGVAL, device=device) * 255
+    return mean, std, pca  # pca[i, j] = eigvec_i[j] * eigval[j]
 
 
-def to_device(images, labels, device):
-    """uint8 images from the loader (4x less traffic than floats), normalised on the device."""
-    mean, std = normalisation(device)
-    images = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
-    return images, labels.to(device, non_blocking=True)
+def to_device(images, labels, device, lighting=0.0):
+    """uint8 images from the loader (4x less traffic than floats), with PCA lighting noise of std
+    `lighting` added per image in pixel space (as the official code, before normalisation), then
+    normalised, all on the device."""
+    mean, std, pca = device_constants(device)
+    images = images.to(device, non_blocking=True).float()
+    if lighting > 0:  # AlexNet: offset = eigvec @ (alpha * eigval), alpha ~ N(0, lighting)
+        alpha = torch.randn(len(images), 3, device=device) * lighting
+        images += (alpha @ pca.T).view(-1, 3, 1, 1)
+    return images.sub_(mean).div_(std), labels.to(device, non_blocking=True)
 
 
 def build_mix(args, num_classes):
@@ -235,7 +454,7 @@ def build_mix(args, num_classes):
 
 
 # ------------------------------------------------------------------------------------------------
-# EMA, evaluation, checkpoints
+# EMA, precise BatchNorm statistics, evaluation
 # ------------------------------------------------------------------------------------------------
 
 
@@ -246,24 +465,92 @@ def update_ema(ema, model, alpha):
         e.lerp_(w, alpha) if e.is_floating_point() else e.copy_(w)
 
 
+def batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, amp, world_size):
-    """(top-1 %, top-5 %, images) over the whole validation set, each image counted once."""
+def precise_bn(models, batches, world_size):
+    """Sets the running mean and variance of every BatchNorm in `models` to the equal-weight
+    average of its batch statistics over `batches` (normalised image tensors) and over all ranks,
+    which then hold the same statistics (official pycls/core/net.py: compute_precise_bn_stats).
+    Returns the number of batches; models without BatchNorm are left untouched."""
+    models = [m for m in models if batch_norms(m)]
+    if not models:
+        return 0
+    saved = [(m.training, [(bn.momentum, bn.num_batches_tracked.clone()) for bn in batch_norms(m)])
+             for m in models]
+    for model in models:
+        model.train()
+        for bn in batch_norms(model):
+            bn.reset_running_stats()
+            bn.momentum = None  # running stats become the cumulative average of batch stats
+    # All BatchNorms sit in the conv stem and see only the image: running the stem is enough.
+    stems = [m.stem if set(batch_norms(m)) <= set(batch_norms(getattr(m, "stem", nn.Module())))
+             else m for m in models]
+    count = 0
+    for images in batches:
+        for stem in stems:
+            stem(images)
+        count += 1
+    for model, (training, bn_state) in zip(models, saved):
+        for bn, (momentum, tracked) in zip(batch_norms(model), bn_state):
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)
+            for stat in (bn.running_mean, bn.running_var):  # every rank saw as many batches
+                all_sum(stat, world_size).div_(world_size)
+        model.train(training)
+    return count
+
+
+def precise_bn_batches(run, epoch):
+    """This rank's share of --precise-bn training images, with the train transforms and lighting
+    but no mixup/CutMix, in micro-batches. Drawn from a generator seeded by (seed, epoch)."""
+    per_rank = max(1, run.args.precise_bn // (run.micro_batch * run.world_size))
+    per_rank = min(per_rank, len(run.train_set) // (run.micro_batch * run.world_size))
+    generator = torch.Generator().manual_seed(run.args.seed * 100_003 + epoch)
+    order = torch.randperm(len(run.train_set), generator=generator)
+    mine = order[run.rank::run.world_size][:per_rank * run.micro_batch].tolist()
+    loader = DataLoader(Subset(run.train_set, mine), run.micro_batch, num_workers=run.workers,
+                        generator=generator, pin_memory=run.device.type == "cuda")
+    for images, labels, _ in loader:  # unreadable files are replaced; training names them
+        yield to_device(images, labels, run.device, run.args.lighting)[0]
+
+
+def recompute_bn_statistics(run, epoch):
+    """Precise BN for the model and its EMA, on one pass over the same images. Runs under its
+    own RNG state, so that the training's random streams (and exact resume) are untouched."""
+    models = [m for m in (run.model, run.ema) if m is not None and batch_norms(m)]
+    if run.args.precise_bn == 0 or not models:
+        return
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(run.args.seed * 100_003 + epoch)
+        precise_bn(models, precise_bn_batches(run, epoch), run.world_size)
+
+
+@torch.no_grad()
+def evaluate(run, model):
+    """(top-1 %, top-5 %, images, unreadable images) over the whole validation set, each image
+    counted once over all ranks; unreadable images are warned about, counted and left out."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    for images, labels in loader:
+    device = run.device
+    amp = run.args.eval_precision == "bf16"
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    for images, labels, bad in run.val_loader:
+        sums[3] += unreadable_files(run, bad)
         images, labels = to_device(images, labels, device)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             logits = model(images)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
+        hits = (top5 == labels[:, None])[labels >= 0]
         sums[0] += hits[:, 0].sum()
         sums[1] += hits.any(1).sum()
-        sums[2] += len(labels)
+        sums[2] += len(hits)
     model.train(was_training)
-    top1, top5, count = all_sum(sums, world_size).tolist()
-    return 100 * top1 / max(count, 1), 100 * top5 / max(count, 1), int(count)
+    top1, top5, count, bad = all_sum(sums, run.world_size).tolist()
+    return 100 * top1 / max(count, 1), 100 * top5 / max(count, 1), int(count), int(bad)
 
 
 def sync_buffers(module, world_size):
@@ -271,6 +558,31 @@ def sync_buffers(module, world_size):
     if world_size > 1:
         for b in module.buffers():
             dist.broadcast(b, 0)
+
+
+def evaluate_epoch(run, record):
+    """Precise BN, then val top-1/top-5 of the model and of the EMA into the epoch's record."""
+    recompute_bn_statistics(run, run.epoch)
+    for key, model in (("val", run.model), ("ema", run.ema)):
+        if model is None:
+            continue
+        sync_buffers(model, run.world_size)
+        top1, top5, count, bad = evaluate(run, model)
+        record.update({f"{key}_top1": top1, f"{key}_top5": top5, "val_images": count})
+        if bad:
+            record["val_unreadable"] = bad
+    top1 = record.get("ema_top1", record.get("val_top1"))
+    if top1 is not None and top1 > run.best[0]:
+        run.best = (top1, run.epoch)
+        if run.rank == 0:
+            best = run.ema if run.ema is not None else run.model
+            save_atomic({"model": best.state_dict(), "args": vars(run.args), "epoch": run.epoch,
+                         "top1": top1}, os.path.join(run.args.out, "best.pt"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
 
 
 def rng_state(device):
@@ -286,18 +598,25 @@ def set_rng_state(state, device):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    """Write to a temporary file, then rename: a crash or a full disk never leaves a torn file,
+    and the previous version stays as it was."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise RunError(f"cannot write {path} ({e.strerror or e}); the previous version, if any, "
+                       f"is intact") from None
 
 
 # What a resumed run must share with the run that wrote the checkpoint: the model and everything
 # the optimizer state and the schedule position depend on. Data path, workers, accumulation,
-# evaluation and compilation may change.
+# augmentation, evaluation, precision and compilation may change.
 RESUME_KEYS = ("model", "img_size", "num_classes", "optimizer", "batch_size", "epochs",
                "warmup_epochs", "lr", "wd")
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "steps_per_epoch",
@@ -339,31 +658,86 @@ def check_resume(run, ckpt, path):
                        f"has {run.steps_per_epoch} (different train set or world size)")
 
 
+def restore(run, ckpt):
+    run.model.load_state_dict(ckpt["model"])
+    if run.ema is not None:  # a run that had no EMA starts one from the weights
+        run.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], tuple(ckpt["best"])
+    run.progress = ckpt.get("progress") or new_progress()
+    if len(ckpt["rng"]) == run.world_size:  # exact continuation needs the same world size
+        set_rng_state(ckpt["rng"][run.rank], run.device)
+    elif run.rank == 0:
+        print(f"note: checkpoint written by {len(ckpt['rng'])} ranks, resuming on "
+              f"{run.world_size}: the run continues but is not bit-identical")
+
+
+def save_checkpoint(run):
+    """Rank 0 writes OUT/checkpoint.pt atomically; every rank contributes its RNG state."""
+    states = [rng_state(run.device)]
+    if run.world_size > 1:
+        states = [None] * run.world_size
+        dist.all_gather_object(states, rng_state(run.device))
+    sync_buffers(run.model, run.world_size)
+    if run.rank == 0:
+        save_atomic({"model": run.model.state_dict(),
+                     "ema": run.ema.state_dict() if run.ema is not None else None,
+                     "optimizer": run.optimizer.state_dict(),
+                     "scheduler": run.scheduler.state_dict(), "epoch": run.epoch,
+                     "step": run.step, "steps_per_epoch": run.steps_per_epoch,
+                     "best": list(run.best), "args": vars(run.args), "progress": run.progress,
+                     "rng": states}, checkpoint_file(run.args))
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
 
 
+def new_progress():
+    """Running figures of the epoch under way; checkpointed, so that an epoch interrupted and
+    resumed is still logged whole."""
+    return {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "epoch_time": 0.0, "unreadable": 0,
+            "resumed": False}
+
+
 def train_one_epoch(run, epoch, skip):
-    """One pass over this rank's shard from step `skip` on; returns (mean loss, images/s)."""
+    """One pass over this rank's shard from step `skip` on, adding to run.progress."""
     args = run.args
     bar = tqdm(total=run.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=run.rank != 0, dynamic_ncols=True)
     try:
-        return run_steps(run, epoch, skip, bar)
+        run_steps(run, epoch, skip, bar)
     finally:
         bar.close()  # also before an error, so that its message starts a line of its own
 
 
+def check_unreadable(run, in_step, epoch):
+    """Stops the run when too many train images are unreadable (counts summed over ranks)."""
+    limit, batch = run.args.max_bad_fraction, run.args.batch_size
+    in_epoch = run.progress["unreadable"]
+    if in_step > limit * batch or (in_step and in_epoch > limit * run.steps_per_epoch * batch):
+        raise RunError(f"{in_epoch} unreadable train images in epoch "
+                       f"{epoch + 1} ({int(in_step)} in step {run.step + 1}), more than "
+                       f"--max-bad-fraction {limit} allows; the files are named above, the last "
+                       f"checkpoint stays in {run.args.out}")
+
+
 def run_steps(run, epoch, skip, bar):
-    args, device = run.args, run.device
+    args, device, progress = run.args, run.device, run.progress
     batches = train_batches(run, epoch, skip * args.accum_steps)
-    amp = args.amp and device.type == "cuda"
-    loss_sum, count, start = 0.0, 0, time.perf_counter()
+    amp = args.train_precision == "bf16"
     for _ in range(skip, run.steps_per_epoch):
-        stats = torch.zeros(2, device=device)  # (loss, stop requested), summed over ranks
+        start = time.perf_counter()
+        stats = torch.zeros(3, device=device)  # (loss, stop requested, unreadable), rank sums
         for micro_step in range(args.accum_steps):
-            images, labels = to_device(*next(batches), device)
+            images, labels, bad = next(batches)
+            stats[2] += unreadable_files(run, bad)
+            if (labels < 0).any():  # ImageFiles gave up: 64 unreadable files in a row
+                raise RunError("64 train files in a row are unreadable (named above): is the "
+                               "data folder still there?")
+            images, labels = to_device(images, labels, device, args.lighting)
             images, targets = run.mix(images, labels) if run.mix else (images, labels)
             sync = micro_step == args.accum_steps - 1 or run.world_size == 1
             with contextlib.nullcontext() if sync else run.ddp.no_sync():
@@ -375,8 +749,10 @@ def run_steps(run, epoch, skip, bar):
                 loss.backward()
             stats[0] += loss.detach()
         stats[1] = float(run.stop_signal is not None)
-        loss_value, stop = all_sum(stats, run.world_size).tolist()
+        loss_value, stop, unreadable = all_sum(stats, run.world_size).tolist()
         loss_value /= run.world_size
+        progress["unreadable"] += int(unreadable)
+        check_unreadable(run, unreadable, epoch)
         if not math.isfinite(loss_value):  # checked before the update can spread it
             raise RunError(f"loss is {loss_value} at step {run.step + 1} (epoch {epoch + 1}); "
                            f"stopped, the last good checkpoint stays in {args.out}")
@@ -388,15 +764,16 @@ def run_steps(run, epoch, skip, bar):
         if run.ema is not None and run.step % args.ema_period == 0:
             warm = epoch < args.warmup_epochs  # during warmup the EMA copies the weights
             update_ema(run.ema, run.model, 1.0 if warm else run.ema_alpha)
-        loss_sum, count = loss_sum + loss_value, count + 1
-        images_per_sec = count * args.batch_size / (time.perf_counter() - start)
+        progress["loss_sum"] += loss_value
+        progress["steps"] += 1
+        progress["seconds"] += time.perf_counter() - start
+        images_per_sec = progress["steps"] * args.batch_size / progress["seconds"]
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.lr:.3g}",
                         img_s=f"{images_per_sec:.0f}", refresh=False)
         bar.update()
         if stop:
             run.stopped = True
             break
-    return loss_sum / max(count, 1), (images_per_sec if count else 0.0)
 
 
 def check_out(args):
@@ -416,7 +793,7 @@ def build_run(args, rank, world_size, device):
                        f"{world_size} x --accum-steps {args.accum_steps}")
     check_out(args)
     run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
-                             stop_signal=None, stopped=False, lr=None)
+                             stop_signal=None, stopped=False, lr=None, progress=new_progress())
     run.train_set, val_set, args.num_classes = build_datasets(args)
     run.micro_batch = args.batch_size // (world_size * args.accum_steps)
     # Train: equal shards per rank, no padding, the last partial batch dropped (BN and mixup need
@@ -441,8 +818,8 @@ def build_run(args, rank, world_size, device):
     run.ema = copy.deepcopy(run.model).eval().requires_grad_(False) if args.ema else None
     # Official EMA: alpha scaled with batch, period and epochs so its horizon is ~fixed in epochs.
     run.ema_alpha = min(1.0, args.ema_alpha * args.batch_size * args.ema_period / args.epochs)
-    lr = vitc.scale_lr(args.lr, args.batch_size)  # lrs are quoted at batch 2048
-    run.optimizer = vitc.make_optimizer(run.model, args.optimizer, lr, args.wd)
+    run.peak_lr = vitc.scale_lr(args.lr, args.batch_size)  # lrs are quoted at batch 2048
+    run.optimizer = vitc.make_optimizer(run.model, args.optimizer, run.peak_lr, args.wd)
     total = args.epochs * run.steps_per_epoch
     warmup = min(round(args.warmup_epochs * run.steps_per_epoch), total - 1)
     run.scheduler = vitc.make_scheduler(run.optimizer, total, warmup)
@@ -460,53 +837,38 @@ def build_run(args, rank, world_size, device):
     return run
 
 
-def restore(run, ckpt):
-    run.model.load_state_dict(ckpt["model"])
-    if run.ema is not None:  # a run that had no EMA starts one from the weights
-        run.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], tuple(ckpt["best"])
-    if len(ckpt["rng"]) == run.world_size:  # exact continuation needs the same world size
-        set_rng_state(ckpt["rng"][run.rank], run.device)
-    elif run.rank == 0:
-        print(f"note: checkpoint written by {len(ckpt['rng'])} ranks, resuming on "
-              f"{run.world_size}: the run continues but is not bit-identical")
+def record_invocation(run, argv):
+    """Appends to OUT/args.jsonl what this invocation was asked and what it resolved that to."""
+    args, device = run.args, run.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    entry = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+             "command": ["train.py", *argv], "args": vars(args),
+             "resolved": {"peak_lr": run.peak_lr, "world_size": run.world_size,
+                          "micro_batch": run.micro_batch, "accum_steps": args.accum_steps,
+                          "workers": run.workers, "train_precision": args.train_precision,
+                          "eval_precision": args.eval_precision, "ema_alpha": run.ema_alpha,
+                          "device": f"{device.type} ({name or 'unknown'})",
+                          "steps_per_epoch": run.steps_per_epoch, "start_step": run.step,
+                          "torch": torch.__version__, "torchvision": torchvision.__version__,
+                          "python": platform.python_version()}}
+    with open(os.path.join(args.out, "args.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
-def save_checkpoint(run):
-    """Rank 0 writes OUT/checkpoint.pt atomically; every rank contributes its RNG state."""
-    states = [rng_state(run.device)]
-    if run.world_size > 1:
-        states = [None] * run.world_size
-        dist.all_gather_object(states, rng_state(run.device))
-    sync_buffers(run.model, run.world_size)
-    if run.rank == 0:
-        save_atomic({"model": run.model.state_dict(),
-                     "ema": run.ema.state_dict() if run.ema is not None else None,
-                     "optimizer": run.optimizer.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), "epoch": run.epoch,
-                     "step": run.step, "steps_per_epoch": run.steps_per_epoch,
-                     "best": list(run.best), "args": vars(run.args),
-                     "rng": states}, checkpoint_file(run.args))
-
-
-def evaluate_epoch(run, record):
-    """Adds val top-1/top-5 of the model and of the EMA to the epoch's log record."""
-    amp = run.args.amp and run.device.type == "cuda"
-    for key, model in (("val", run.model), ("ema", run.ema)):
-        if model is None:
-            continue
-        sync_buffers(model, run.world_size)
-        top1, top5, count = evaluate(model, run.val_loader, run.device, amp, run.world_size)
-        record.update({f"{key}_top1": top1, f"{key}_top5": top5, "val_images": count})
-    top1 = record.get("ema_top1", record.get("val_top1"))
-    if top1 is not None and top1 > run.best[0]:
-        run.best = (top1, run.epoch)
-        if run.rank == 0:
-            best = run.ema if run.ema is not None else run.model
-            save_atomic({"model": best.state_dict(), "args": vars(run.args), "epoch": run.epoch,
-                         "top1": top1}, os.path.join(run.args.out, "best.pt"))
+def start(run, argv):
+    """Creates the run folder, records the invocation and prints the run's summary (rank 0)."""
+    args = run.args
+    if run.rank != 0:
+        return
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        record_invocation(run, argv)
+    except OSError as e:
+        raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    cx = vitc.complexity(run.model)
+    print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M params | "
+          f"{run.world_size} x {run.device.type}, global batch {args.batch_size}, "
+          f"{run.steps_per_epoch} steps/epoch | torch {torch.__version__} | out {args.out}")
 
 
 def on_signal(run):
@@ -520,61 +882,61 @@ def on_signal(run):
     return handler
 
 
-def stopped_by_signal(run):
+def stopped(run, why):
     if run.rank == 0:
-        print(f"stopped by {run.stop_signal} at step {run.step}; checkpoint "
-              f"{checkpoint_file(run.args)}. To continue, re-run the same command with "
-              f"--resume auto")
+        print(f"{why} at step {run.step}; checkpoint {checkpoint_file(run.args)}. To continue, "
+              f"re-run the same command with --out {run.args.out} --resume auto")
     return 0
 
 
-def train(args, rank, world_size, device):
+def end_epoch(run, epoch, record):
+    """Evaluation (every --eval-every epochs and at the end), checkpoint, and the log line."""
+    args, progress = run.args, run.progress
+    if run.epoch % args.eval_every == 0 or run.epoch == args.epochs:
+        evaluate_epoch(run, record)
+    record.update(epoch_time=time.perf_counter() - run.epoch_start + progress["epoch_time"],
+                  images_per_sec=progress["steps"] * args.batch_size / progress["seconds"],
+                  unreadable=progress["unreadable"])
+    if progress["resumed"]:  # the figures still cover the whole epoch, over two invocations
+        record["resumed_mid_epoch"] = True
+    if run.device.type == "cuda":
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
+    run.progress = new_progress()
+    save_checkpoint(run)
+    if run.rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in record.items()))
+
+
+def train(args, argv, rank, world_size, device):
+    args.out = resolve_out(args, rank, world_size)
+    resolve_precision(args, device)
     run = build_run(args, rank, world_size, device)
-    if rank == 0:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"--out {args.out}: cannot create it ({e.strerror})") from None
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        cx = vitc.complexity(run.model)
-        print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M params | "
-              f"{world_size} x {device.type}, global batch {args.batch_size}, "
-              f"{run.steps_per_epoch} steps/epoch | torch {torch.__version__} | out {args.out}")
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal(run))
+    start(run, argv)
     first_epoch = run.epoch
     for epoch in range(run.epoch, args.epochs):
-        start = time.perf_counter()
+        run.epoch_start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         skip = min(max(run.step - epoch * run.steps_per_epoch, 0), run.steps_per_epoch)
-        loss, images_per_sec = train_one_epoch(run, epoch, skip)
+        run.progress["resumed"] |= skip > 0
+        train_one_epoch(run, epoch, skip)
         if run.stopped and run.step < (epoch + 1) * run.steps_per_epoch:  # mid-epoch
+            run.progress["epoch_time"] += time.perf_counter() - run.epoch_start
             save_checkpoint(run)
-            return stopped_by_signal(run)
+            return stopped(run, f"stopped by {run.stop_signal}")
         run.epoch = epoch + 1
-        record = {"epoch": run.epoch, "step": run.step, "lr": run.lr,
-                  "train_loss": loss}
-        if run.epoch % args.eval_every == 0 or run.epoch == args.epochs:
-            evaluate_epoch(run, record)
-        record.update(epoch_time=time.perf_counter() - start, images_per_sec=images_per_sec)
-        if device.type == "cuda":
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        save_checkpoint(run)
-        if rank == 0:
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in record.items()))
+        end_epoch(run, epoch, {"epoch": run.epoch, "step": run.step, "lr": run.lr,
+                               "train_loss": run.progress["loss_sum"] / run.progress["steps"]})
         if run.stopped:  # the signal came on the epoch's last step: the epoch is complete
-            return stopped_by_signal(run)
+            return stopped(run, f"stopped by {run.stop_signal}")
         asked_stop = args.stop_after and run.epoch - first_epoch >= args.stop_after
         if asked_stop and run.epoch < args.epochs:
-            if rank == 0:
-                print(f"stopped after {args.stop_after} epochs as asked (--stop-after); "
-                      f"continue with --resume auto")
-            return 0
+            return stopped(run, f"stopped after {args.stop_after} epochs as asked (--stop-after)")
     if rank == 0:
         which = "EMA " if run.ema is not None else ""
         print(f"done: best {which}top-1 {run.best[0]:.2f}% (epoch {run.best[1]}); checkpoint "
@@ -583,25 +945,46 @@ def train(args, rank, world_size, device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     rank, world_size, device = setup_distributed()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    finished = False
     try:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        return train(args, rank, world_size, device)
+        code = train(args, argv, rank, world_size, device)
+        finished = True
+        return code
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
         if dist.is_initialized():
+            if finished:  # without it, gloo's teardown can hang on torch 2.4
+                dist.barrier()
             dist.destroy_process_group()
+
+
+class OneLineErrors(ErrorHandler):
+    """Under torchrun: a RunError goes into the error file as our one line, which torchrun then
+    shows as the root cause in its failure summary; other exceptions keep their traceback."""
+
+    def record_exception(self, e):
+        file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if not isinstance(e, RunError) or not file:
+            return super().record_exception(e)
+        line = f"train.py: error: {e}"
+        with open(file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {
+                "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
 
 
 def cli(argv=None):
     """main() with bad input reported as one line and exit status 2, never a traceback."""
+    under_torchrun = "TORCHELASTIC_ERROR_FILE" in os.environ
     try:
-        return main(argv)
+        return (record(main, OneLineErrors()) if under_torchrun else main)(argv)
     except RunError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
