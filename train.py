@@ -7,7 +7,7 @@ One file runs on one device or under torchrun (DDP: NCCL on GPUs, gloo on the CP
     torchrun --nproc_per_node=8 train.py --stem conv --size 4gf --data /imagenet   # 8 GPUs
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         --rdzv-id=vitc train.py --stem conv --size 18gf --data /imagenet \\
-        --out /shared/runs/vitc_18gf                                               # on each node
+        --out /shared/runs/vitc_18gf --resume auto                                 # on each node
 
 --data DIR names a folder with train/ and val/ in ImageFolder layout (or set IMAGENET=DIR);
 --data fake uses random images and learns nothing: it only exercises the pipeline. The defaults
@@ -76,6 +76,11 @@ class RunError(Exception):
     """Bad input or a run that cannot go on: reported as one line, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": such helps say the default
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise RunError(message)
@@ -83,20 +88,23 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     p = Parser(description="Train the paper's ViT_P / ViT_C (see the module docstring).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("--data", default=os.environ.get("IMAGENET"),
                    help="folder with train/ and val/ (default: $IMAGENET), or 'fake' for random "
                         "images that learn nothing (a smoke test of the pipeline)")
     p.add_argument("--out", help="run folder (default: a new runs/MODEL-DATE-TIME)")
-    p.add_argument("--stem", choices=["patch", "conv"], default="conv")
-    p.add_argument("--size", choices=["1gf", "4gf", "18gf", "36gf"], default="1gf")
+    p.add_argument("--stem", choices=["patch", "conv"], default="conv",
+                   help="patch: ViT_P, conv: ViT_C")
+    p.add_argument("--size", choices=["1gf", "4gf", "18gf", "36gf"], default="1gf",
+                   help="model complexity (Table 1)")
     p.add_argument("--model", help="a paper variant by name, e.g. vitc_4gf (overrides stem/size)")
     p.add_argument("--img-size", type=int, default=224, help="train/test resolution")
     p.add_argument("--batch-size", type=int, default=2048, help="global batch, all ranks")
     p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--epochs", type=int, default=400)
-    p.add_argument("--warmup-epochs", type=float, default=5)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--epochs", type=int, default=400, help="training epochs")
+    p.add_argument("--warmup-epochs", type=float, default=5, help="linear lr warmup epochs")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="AdamW, or SGD with Nesterov momentum 0.9")
     p.add_argument("--lr", type=float, help="peak lr at batch 2048 (default: the paper's)")
     p.add_argument("--wd", type=float, help="weight decay (default: the paper's)")
     p.add_argument("--autoaugment", choices=["v0", "imagenet", "none"], default="v0",
@@ -104,8 +112,9 @@ def parse_args(argv):
     p.add_argument("--lighting", type=float, default=0.1, help="PCA lighting noise std, 0 = off")
     p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0 = off")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha, 0 = off")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing epsilon")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep and evaluate an EMA of the weights")
     p.add_argument("--ema-period", type=int, default=32, help="update the EMA every N steps")
     p.add_argument("--ema-alpha", type=float, default=1e-5, help="official EMA_ALPHA")
     p.add_argument("--precise-bn", type=int, default=8192, metavar="N",
@@ -122,7 +131,7 @@ def parse_args(argv):
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="stop when more than this fraction of a global batch or of an epoch's "
                         "images is unreadable (unreadable train images are replaced)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto': "
                    "OUT/checkpoint.pt if there is one (needs --out)")
     p.add_argument("--stop-after", type=int, help="train at most N epochs in this invocation, "
@@ -196,16 +205,46 @@ def all_sum(tensor, world_size):
     return tensor
 
 
+def agree(error, world_size):
+    """Raises RunError on every rank if any rank had one (`error`: its message, or None), so that
+    a problem seen by one rank (a file missing on one node, a full disk on rank 0) stops all of
+    them with the same line instead of leaving the others blocked in a collective."""
+    errors = [error]
+    if world_size > 1:
+        errors = [None] * world_size
+        dist.all_gather_object(errors, error)
+    for rank, message in enumerate(errors):
+        if message is not None:
+            raise RunError(message if rank == 0 else f"[rank {rank}] {message}")
+
+
+def on_rank_0(run, write):
+    """Runs write() on rank 0 only; a RunError there (e.g. a full disk) stops every rank."""
+    error = None
+    if run.rank == 0:
+        try:
+            write()
+        except RunError as e:
+            error = str(e)
+    agree(error, run.world_size)
+
+
 def resolve_out(args, rank, world_size):
     """A new folder runs/MODEL-DATE-TIME unless --out was given; rank 0 picks it for all ranks."""
     if args.out:
         return args.out
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = base = os.path.join("runs", f"{args.model}-{stamp}")
-    for n in range(2, 1000):
-        if not os.path.exists(out):
-            break
-        out = f"{base}-{n}"
+    out = None
+    if rank == 0:  # claimed by creating it: two runs started in the same second get two folders
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = os.path.join("runs", f"{args.model}-{stamp}")
+        for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
+            try:
+                os.makedirs(out)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise RunError(f"cannot create the run folder {out} ({e.strerror})") from None
     if world_size > 1:
         shared = [out]
         dist.broadcast_object_list(shared, 0)
@@ -265,8 +304,8 @@ def _shear(image, factor, axis):  # about the top-left corner, like PIL's affine
                      interpolation=BILINEAR, fill=GREY, center=[0, 0])
 
 
-def _translate_y(image, fraction):  # whole pixels
-    shift = [0, round(fraction * image.shape[-2])]
+def _translate_y(image, fraction):  # as PIL's affine, content moves up by fraction * height
+    shift = [0, -round(fraction * image.shape[-2])]  # whole pixels
     return TF.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0],
                      interpolation=BILINEAR, fill=GREY)
 
@@ -322,9 +361,10 @@ class AutoAugmentV0(nn.Module):
 class ImageFiles(datasets.ImageFolder):
     """ImageFolder whose items are (image, label, unreadable) and that survives bad files.
 
-    `unreadable` names the files that could not be decoded ("" if none), one per line with the
-    reason. In the train set such a file is replaced by the next readable one; in the val set it
-    yields a blank image with label -1, which evaluation counts and leaves out."""
+    `unreadable` names the item's own file with the reason if it could not be decoded ("" if it
+    could). In the train set such a file is replaced by the next readable one (a file skipped on
+    the way is reported when its own index comes); in the val set, and after 64 unreadable files
+    in a row, the item is a blank image with label -1."""
 
     def __init__(self, root, transform, replace, blank_size):
         super().__init__(root, transform)
@@ -340,9 +380,9 @@ class ImageFiles(datasets.ImageFolder):
                 reason = str(e).splitlines()[0] if str(e) else ""
                 bad.append(f"{path} ({type(e).__name__}: {reason})")
                 continue
-            return self.transform(image), label, "\n".join(bad)
+            return self.transform(image), label, bad[0] if bad else ""
         blank = Image.new("RGB", (self.blank_size, self.blank_size))
-        return self.transform(blank), -1, "\n".join(bad)
+        return self.transform(blank), -1, bad[0]
 
 
 class FakeImages(datasets.FakeData):
@@ -417,7 +457,7 @@ class SkipSampler(torch.utils.data.Sampler):
 
 def unreadable_files(run, bad):
     """Warns about each unreadable file in a batch's `bad` strings; returns how many there were."""
-    files = [line for entry in bad if entry for line in entry.split("\n")]
+    files = [entry for entry in bad if entry]
     prefix = f"[rank {run.rank}] " if run.world_size > 1 else ""
     for line in files:
         tqdm.write(f"train.py: warning: {prefix}unreadable image {line}", file=sys.stderr)
@@ -529,6 +569,18 @@ def recompute_bn_statistics(run, epoch):
         precise_bn(models, precise_bn_batches(run, epoch), run.world_size)
 
 
+@contextlib.contextmanager
+def no_tf32(active):
+    """Full fp32 matmuls and convolutions inside (TF32 is on for training on CUDA)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if active:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @torch.no_grad()
 def evaluate(run, model):
     """(top-1 %, top-5 %, images, unreadable images) over the whole validation set, each image
@@ -538,16 +590,17 @@ def evaluate(run, model):
     device = run.device
     amp = run.args.eval_precision == "bf16"
     sums = torch.zeros(4, device=device, dtype=torch.float64)
-    for images, labels, bad in run.val_loader:
-        sums[3] += unreadable_files(run, bad)
-        images, labels = to_device(images, labels, device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = model(images)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = (top5 == labels[:, None])[labels >= 0]
-        sums[0] += hits[:, 0].sum()
-        sums[1] += hits.any(1).sum()
-        sums[2] += len(hits)
+    with no_tf32(device.type == "cuda" and not amp):
+        for images, labels, bad in run.val_loader:
+            sums[3] += unreadable_files(run, bad)
+            images, labels = to_device(images, labels, device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                logits = model(images)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == labels[:, None]  # a blank (label -1) never hits
+            sums[0] += hits[:, 0].sum()
+            sums[1] += hits.any(1).sum()
+            sums[2] += (labels >= 0).sum()
     model.train(was_training)
     top1, top5, count, bad = all_sum(sums, run.world_size).tolist()
     return 100 * top1 / max(count, 1), 100 * top5 / max(count, 1), int(count), int(bad)
@@ -574,10 +627,10 @@ def evaluate_epoch(run, record):
     top1 = record.get("ema_top1", record.get("val_top1"))
     if top1 is not None and top1 > run.best[0]:
         run.best = (top1, run.epoch)
-        if run.rank == 0:
-            best = run.ema if run.ema is not None else run.model
-            save_atomic({"model": best.state_dict(), "args": vars(run.args), "epoch": run.epoch,
-                         "top1": top1}, os.path.join(run.args.out, "best.pt"))
+        best = run.ema if run.ema is not None else run.model
+        on_rank_0(run, lambda: save_atomic({"model": best.state_dict(), "args": vars(run.args),
+                                            "epoch": run.epoch, "top1": top1},
+                                           os.path.join(run.args.out, "best.pt")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -607,11 +660,24 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:  # torch.save reports a failed write as a RuntimeError from an OSError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise RunError(f"cannot write {path} ({e.strerror or e}); the previous version, if any, "
-                       f"is intact") from None
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise RunError(f"cannot write {path} ({cause.strerror or cause}); the previous version, "
+                       f"if any, is intact") from None
+
+
+def append_line(path, record):
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 # What a resumed run must share with the run that wrote the checkpoint: the model and everything
@@ -649,10 +715,13 @@ def load_checkpoint(args):
 
 def check_resume(run, ckpt, path):
     """Every rank must see the same checkpoint, and the epoch must have the same steps."""
-    found = all_sum(torch.tensor([float(ckpt is not None)], device=run.device), run.world_size)
-    if 0 < found.item() < run.world_size:
-        raise RunError(f"{path} is visible to {int(found.item())} of {run.world_size} ranks: "
-                       f"--out must be on a filesystem shared by all nodes")
+    steps = [None if ckpt is None else ckpt["step"]]
+    if run.world_size > 1:
+        steps = [None] * run.world_size
+        dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
+    if len(set(steps)) > 1:
+        raise RunError(f"the ranks found different checkpoints at {path} (steps {steps}): --out "
+                       f"must be on a filesystem shared by all nodes")
     if ckpt is not None and ckpt["steps_per_epoch"] != run.steps_per_epoch:
         raise RunError(f"{path}: written with {ckpt['steps_per_epoch']} steps per epoch, this run "
                        f"has {run.steps_per_epoch} (different train set or world size)")
@@ -680,14 +749,13 @@ def save_checkpoint(run):
         states = [None] * run.world_size
         dist.all_gather_object(states, rng_state(run.device))
     sync_buffers(run.model, run.world_size)
-    if run.rank == 0:
-        save_atomic({"model": run.model.state_dict(),
-                     "ema": run.ema.state_dict() if run.ema is not None else None,
-                     "optimizer": run.optimizer.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), "epoch": run.epoch,
-                     "step": run.step, "steps_per_epoch": run.steps_per_epoch,
-                     "best": list(run.best), "args": vars(run.args), "progress": run.progress,
-                     "rng": states}, checkpoint_file(run.args))
+    on_rank_0(run, lambda: save_atomic({
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "epoch": run.epoch, "step": run.step, "steps_per_epoch": run.steps_per_epoch,
+        "best": list(run.best), "args": vars(run.args), "progress": run.progress,
+        "rng": states}, checkpoint_file(run.args)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -730,13 +798,11 @@ def run_steps(run, epoch, skip, bar):
     amp = args.train_precision == "bf16"
     for _ in range(skip, run.steps_per_epoch):
         start = time.perf_counter()
-        stats = torch.zeros(3, device=device)  # (loss, stop requested, unreadable), rank sums
+        stats = torch.zeros(4, device=device)  # loss, stop asked, unreadable, gave up: rank sums
         for micro_step in range(args.accum_steps):
             images, labels, bad = next(batches)
             stats[2] += unreadable_files(run, bad)
-            if (labels < 0).any():  # ImageFiles gave up: 64 unreadable files in a row
-                raise RunError("64 train files in a row are unreadable (named above): is the "
-                               "data folder still there?")
+            stats[3] += (labels < 0).sum()  # ImageFiles gave up: 64 unreadable files in a row
             images, labels = to_device(images, labels, device, args.lighting)
             images, targets = run.mix(images, labels) if run.mix else (images, labels)
             sync = micro_step == args.accum_steps - 1 or run.world_size == 1
@@ -749,9 +815,12 @@ def run_steps(run, epoch, skip, bar):
                 loss.backward()
             stats[0] += loss.detach()
         stats[1] = float(run.stop_signal is not None)
-        loss_value, stop, unreadable = all_sum(stats, run.world_size).tolist()
+        loss_value, stop, unreadable, gave_up = all_sum(stats, run.world_size).tolist()
         loss_value /= run.world_size
         progress["unreadable"] += int(unreadable)
+        if gave_up:
+            raise RunError("64 train files in a row are unreadable (named above): is the data "
+                           "folder still there?")
         check_unreadable(run, unreadable, epoch)
         if not math.isfinite(loss_value):  # checked before the update can spread it
             raise RunError(f"loss is {loss_value} at step {run.step + 1} (epoch {epoch + 1}); "
@@ -791,10 +860,17 @@ def build_run(args, rank, world_size, device):
     if args.batch_size % (world_size * args.accum_steps):
         raise RunError(f"--batch-size {args.batch_size} is not divisible by world size "
                        f"{world_size} x --accum-steps {args.accum_steps}")
-    check_out(args)
     run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
                              stop_signal=None, stopped=False, lr=None, progress=new_progress())
-    run.train_set, val_set, args.num_classes = build_datasets(args)
+    error, ckpt, path = None, None, None
+    try:  # what each rank checks on its own: its filesystem may differ from the others'
+        check_out(args)
+        run.train_set, val_set, args.num_classes = build_datasets(args)
+        if args.resume:
+            ckpt, path = load_checkpoint(args)
+    except RunError as e:
+        error = str(e)
+    agree(error, world_size)
     run.micro_batch = args.batch_size // (world_size * args.accum_steps)
     # Train: equal shards per rank, no padding, the last partial batch dropped (BN and mixup need
     # full batches). Workers restart every epoch, seeded from the checkpointed RNG.
@@ -809,8 +885,8 @@ def build_run(args, rank, world_size, device):
     # Val: rank r takes images r, r + W, ...: each image exactly once, shards may differ by one.
     run.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)),
                                 min(run.micro_batch, 256), num_workers=run.workers,
-                                pin_memory=device.type == "cuda")
-    ckpt, path = load_checkpoint(args) if args.resume else (None, None)
+                                pin_memory=device.type == "cuda",
+                                generator=torch.Generator())  # not the training's RNG
     check_resume(run, ckpt, path)
 
     torch.manual_seed(args.seed)  # identical initialisation on every rank
@@ -840,31 +916,52 @@ def build_run(args, rank, world_size, device):
 def record_invocation(run, argv):
     """Appends to OUT/args.jsonl what this invocation was asked and what it resolved that to."""
     args, device = run.args, run.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")
     entry = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
              "command": ["train.py", *argv], "args": vars(args),
              "resolved": {"peak_lr": run.peak_lr, "world_size": run.world_size,
                           "micro_batch": run.micro_batch, "accum_steps": args.accum_steps,
                           "workers": run.workers, "train_precision": args.train_precision,
                           "eval_precision": args.eval_precision, "ema_alpha": run.ema_alpha,
-                          "device": f"{device.type} ({name or 'unknown'})",
+                          "device": f"{device.type} ({name})",
                           "steps_per_epoch": run.steps_per_epoch, "start_step": run.step,
                           "torch": torch.__version__, "torchvision": torchvision.__version__,
                           "python": platform.python_version()}}
-    with open(os.path.join(args.out, "args.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_line(os.path.join(args.out, "args.jsonl"), entry)
+
+
+def lock(folder):
+    """An advisory lock on the run folder, held while the process lives: a second train.py on
+    the same folder (a job resubmitted while the first still runs) is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows
+        return None
+    handle = open(os.path.join(folder, ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RunError(f"{folder} is in use by another train.py: wait for it to end, or choose "
+                       f"another --out") from None
+    return handle
 
 
 def start(run, argv):
-    """Creates the run folder, records the invocation and prints the run's summary (rank 0)."""
+    """Creates and locks the run folder, records the invocation, prints the run's summary."""
     args = run.args
+
+    def write():
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            run.lock = lock(args.out)
+            record_invocation(run, argv)
+        except OSError as e:
+            raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    on_rank_0(run, write)
     if run.rank != 0:
         return
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        record_invocation(run, argv)
-    except OSError as e:
-        raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
     cx = vitc.complexity(run.model)
     print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M params | "
           f"{run.world_size} x {run.device.type}, global batch {args.batch_size}, "
@@ -872,7 +969,11 @@ def start(run, argv):
 
 
 def on_signal(run):
+    main_process = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != main_process:  # a DataLoader worker: the main process decides
+            return
         if run.stop_signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         run.stop_signal = signal.Signals(signum).name
@@ -903,20 +1004,41 @@ def end_epoch(run, epoch, record):
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
     run.progress = new_progress()
     save_checkpoint(run)
+    on_rank_0(run, lambda: append_line(os.path.join(args.out, "log.jsonl"), record))
     if run.rank == 0:
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in record.items()))
+    bad, total = record.get("val_unreadable", 0), record.get("val_images", 0)
+    if bad > args.max_bad_fraction * (bad + total):  # after the checkpoint: nothing is lost
+        raise RunError(f"{bad} of {bad + total} val images are unreadable (named above), more "
+                       f"than --max-bad-fraction {args.max_bad_fraction} allows")
 
 
 def train(args, argv, rank, world_size, device):
+    new_folder = args.out is None
     args.out = resolve_out(args, rank, world_size)
     resolve_precision(args, device)
-    run = build_run(args, rank, world_size, device)
+    try:
+        run = build_run(args, rank, world_size, device)
+    except RunError:
+        if new_folder and rank == 0:  # the folder made for this run is still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)
+        raise
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal(run))
-    start(run, argv)
+    run.lock = None
+    try:
+        start(run, argv)
+        return train_epochs(run)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def train_epochs(run):
+    """The epochs from run.epoch on: train, evaluate, checkpoint, log; stop when asked."""
+    args, device = run.args, run.device
     first_epoch = run.epoch
     for epoch in range(run.epoch, args.epochs):
         run.epoch_start = time.perf_counter()
@@ -925,19 +1047,23 @@ def train(args, argv, rank, world_size, device):
         skip = min(max(run.step - epoch * run.steps_per_epoch, 0), run.steps_per_epoch)
         run.progress["resumed"] |= skip > 0
         train_one_epoch(run, epoch, skip)
+        signal_name = run.stop_signal or "a signal to another rank"
         if run.stopped and run.step < (epoch + 1) * run.steps_per_epoch:  # mid-epoch
             run.progress["epoch_time"] += time.perf_counter() - run.epoch_start
             save_checkpoint(run)
-            return stopped(run, f"stopped by {run.stop_signal}")
+            return stopped(run, f"stopped by {signal_name}")
         run.epoch = epoch + 1
         end_epoch(run, epoch, {"epoch": run.epoch, "step": run.step, "lr": run.lr,
                                "train_loss": run.progress["loss_sum"] / run.progress["steps"]})
-        if run.stopped:  # the signal came on the epoch's last step: the epoch is complete
-            return stopped(run, f"stopped by {run.stop_signal}")
+        signalled = torch.tensor([float(run.stop_signal is not None)], device=device)
+        if all_sum(signalled, run.world_size).item():  # on the last step or during evaluation
+            return stopped(run, f"stopped by {run.stop_signal or 'a signal to another rank'}")
         asked_stop = args.stop_after and run.epoch - first_epoch >= args.stop_after
         if asked_stop and run.epoch < args.epochs:
             return stopped(run, f"stopped after {args.stop_after} epochs as asked (--stop-after)")
-    if rank == 0:
+    if run.rank == 0:
+        if first_epoch == args.epochs:
+            print(f"the run in {args.out} is complete ({args.epochs} epochs): nothing to train")
         which = "EMA " if run.ema is not None else ""
         print(f"done: best {which}top-1 {run.best[0]:.2f}% (epoch {run.best[1]}); checkpoint "
               f"{checkpoint_file(args)}, best weights {args.out}/best.pt")
