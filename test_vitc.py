@@ -692,11 +692,12 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def torchrun_two_ranks(argv):
+def torchrun_two_ranks(argv, script=HERE / "train.py", tmp=None):
+    """torchrun with 2 gloo ranks; its own temporary files (error files) go to `tmp`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "train.py"), *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+           str(script), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({"TMPDIR": str(tmp)} if tmp else {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -777,15 +778,15 @@ def test_evaluation_leaves_the_training_alone(data, full_run, tmp_path):
 
 def test_torchrun_two_ranks_counts_every_val_image_once(data, tmp_path):
     # Two gloo ranks, with gradient accumulation (micro-batches of 2, DDP's no_sync path).
-    proc = torchrun_two_ranks(tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0",
-                                   "--accum-steps", "2", "--workers", "1"))
+    proc = torchrun_two_ranks(tiny(data, tmp_path / "run", "--epochs", "1", "--warmup-epochs",
+                                   "0", "--accum-steps", "2", "--workers", "1"), tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (record,) = read_log(tmp_path)
+    (record,) = read_log(tmp_path / "run")
     assert record["val_images"] == len(CLASSES) * VAL_PER_CLASS  # 5 on rank 0, 4 on rank 1
     assert record["step"] == 3  # 24 images / global batch 8
-    assert len(load(tmp_path / "checkpoint.pt")["rng"]) == 2
+    assert len(load(tmp_path / "run" / "checkpoint.pt")["rng"]) == 2
     assert proc.stdout.count("vitc_1gf:") == 1  # rank 1 prints nothing
-    (entry,) = read_jsonl(tmp_path / "args.jsonl")
+    (entry,) = read_jsonl(tmp_path / "run" / "args.jsonl")
     assert (entry["resolved"]["world_size"], entry["resolved"]["micro_batch"]) == (2, 2)
 
 
@@ -867,7 +868,7 @@ def test_bad_arguments_fail_with_one_line(data, tmp_path, capsys):
 
 
 def test_bad_input_under_torchrun_is_the_first_line_and_the_root_cause(data, tmp_path):
-    proc = torchrun_two_ranks(tiny(data, tmp_path, "--batch-size", "9"))
+    proc = torchrun_two_ranks(tiny(data, tmp_path / "run", "--batch-size", "9"), tmp=tmp_path)
     assert proc.returncode != 0
     line = "train.py: error: --batch-size 9 is not divisible by world size 2 x --accum-steps 1"
     assert proc.stderr.lstrip().splitlines()[0] == line, proc.stderr
@@ -920,7 +921,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path)
     saved = (tmp_path / "checkpoint.pt").read_bytes()  # ~75 MB: its next version cannot fit
     proc = subprocess.run([sys.executable, str(HERE / "train.py"),
                            *tiny(data, tmp_path, "--resume", "auto")], capture_output=True,
-                          text=True, timeout=300, preexec_fn=limit_file_size)
+                          text=True, timeout=150, preexec_fn=limit_file_size)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error: cannot write ") and "File too large" in last
@@ -950,10 +951,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_line(data, tmp_path):
         "    return real(args)\n"
         "train.build_datasets = build_datasets\n"
         "sys.exit(train.cli())\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), *tiny(data, tmp_path / "run")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = torchrun_two_ranks(tiny(data, tmp_path / "run"), script, tmp=tmp_path)
     line = "train.py: error: [rank 1] /data/train: missing on this node"
     assert proc.returncode != 0 and proc.stderr.lstrip().splitlines()[0] == line, proc.stderr
     root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
