@@ -978,10 +978,15 @@ def write_odd_and_bad_images(root):
     # 32 train files (4 full batches, so every file is read each epoch), 10 val files
 
 
-def test_unreadable_images_are_named_replaced_and_counted(data, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(data, root)
+@pytest.fixture
+def bad_data(data, tmp_path):
+    root = shutil.copytree(data, tmp_path / "data")
     write_odd_and_bad_images(root)
+    return root
+
+
+def test_unreadable_images_are_named_replaced_and_counted(bad_data, tmp_path, capsys):
+    root = bad_data
     capsys.readouterr()
     assert train.cli(tiny(root, tmp_path / "run", "--max-bad-fraction", "0.5")) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
@@ -998,19 +1003,15 @@ def test_unreadable_images_are_named_replaced_and_counted(data, tmp_path, capsys
 
 def test_unreadable_val_images_over_the_limit_stop_the_run_after_its_checkpoint(data, tmp_path,
                                                                                capsys):
-    root = tmp_path / "data"
-    shutil.copytree(data, root)
+    root = shutil.copytree(data, tmp_path / "data")
     (root / "val" / "cat" / "empty.jpg").write_bytes(b"")  # 1 of 10 > --max-bad-fraction 0.01
     err = run_failing(tiny(root, tmp_path / "run"), capsys, training_started=True)
     assert "1 of 10 val images are unreadable" in err
     assert load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1  # the epoch is kept
 
 
-def test_too_many_unreadable_images_stop_the_run(data, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(data, root)
-    write_odd_and_bad_images(root)
-    err = run_failing(tiny(root, tmp_path / "run"), capsys, training_started=True)
+def test_too_many_unreadable_images_stop_the_run(bad_data, tmp_path, capsys):
+    err = run_failing(tiny(bad_data, tmp_path / "run"), capsys, training_started=True)
     assert "unreadable train images in epoch 1" in err and "--max-bad-fraction 0.01" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -1035,7 +1036,8 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_logs_the_whole_epoch(tmp_path,
     ended = []
     real_end_epoch = train.end_epoch
     monkeypatch.setattr(train, "end_epoch",
-                        lambda run, *a: ended.append(dict(run.progress)) or real_end_epoch(run, *a))
+                        lambda run, *a, **k: ended.append(dict(run.progress))
+                        or real_end_epoch(run, *a, **k))
     assert train.cli([*argv, "--resume", "auto"]) == 0
     (record,) = read_log(tmp_path)
     assert record["epoch"] == 1 and record["step"] == 100  # the remaining steps, not a restart

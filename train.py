@@ -205,15 +205,20 @@ def all_sum(tensor, world_size):
     return tensor
 
 
+def all_gather(obj, world_size):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def agree(error, world_size):
     """Raises RunError on every rank if any rank had one (`error`: its message, or None), so that
     a problem seen by one rank (a file missing on one node, a full disk on rank 0) stops all of
     them with the same line instead of leaving the others blocked in a collective."""
-    errors = [error]
-    if world_size > 1:
-        errors = [None] * world_size
-        dist.all_gather_object(errors, error)
-    for rank, message in enumerate(errors):
+    for rank, message in enumerate(all_gather(error, world_size)):
         if message is not None:
             raise RunError(message if rank == 0 else f"[rank {rank}] {message}")
 
@@ -233,7 +238,7 @@ def resolve_out(args, rank, world_size):
     """A new folder runs/MODEL-DATE-TIME unless --out was given; rank 0 picks it for all ranks."""
     if args.out:
         return args.out
-    out = None
+    out, error = None, None
     if rank == 0:  # claimed by creating it: two runs started in the same second get two folders
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = os.path.join("runs", f"{args.model}-{stamp}")
@@ -244,12 +249,10 @@ def resolve_out(args, rank, world_size):
             except FileExistsError:
                 continue
             except OSError as e:
-                raise RunError(f"cannot create the run folder {out} ({e.strerror})") from None
-    if world_size > 1:
-        shared = [out]
-        dist.broadcast_object_list(shared, 0)
-        out = shared[0]
-    return out
+                error = f"cannot create the run folder {out} ({e.strerror})"
+                break
+    agree(error, world_size)
+    return all_gather(out, world_size)[0]
 
 
 def resolve_precision(args, device):
@@ -371,18 +374,18 @@ class ImageFiles(datasets.ImageFolder):
         self.replace, self.blank_size = replace, blank_size
 
     def __getitem__(self, index):
-        bad, tries = [], 64 if self.replace else 1
-        for i in range(index, index + tries):
+        own = ""  # this item's file, if unreadable, with the reason
+        for i in range(index, index + (64 if self.replace else 1)):
             path, label = self.samples[i % len(self.samples)]
             try:
                 image = self.loader(path)  # PIL: decode and convert to RGB
             except Exception as e:  # truncated, empty, not an image, unreadable...
                 reason = str(e).splitlines()[0] if str(e) else ""
-                bad.append(f"{path} ({type(e).__name__}: {reason})")
+                own = own or f"{path} ({type(e).__name__}: {reason})"
                 continue
-            return self.transform(image), label, bad[0] if bad else ""
+            return self.transform(image), label, own
         blank = Image.new("RGB", (self.blank_size, self.blank_size))
-        return self.transform(blank), -1, bad[0]
+        return self.transform(blank), -1, own
 
 
 class FakeImages(datasets.FakeData):
@@ -391,10 +394,14 @@ class FakeImages(datasets.FakeData):
         return image, label, ""
 
 
+def eval_resize(img_size):
+    return round(img_size * 256 / 224)  # test: resize 256, centre crop 224, scaled
+
+
 def build_transforms(args):
     """Train: random resized crop, flip, AutoAugment; test: resize 256, centre crop 224 (scaled
     with --img-size). Both end in uint8 tensors."""
-    size, resize = args.img_size, round(args.img_size * 256 / 224)
+    size, resize = args.img_size, eval_resize(args.img_size)
     train = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
              T.PILToTensor()]
     if args.autoaugment == "v0":
@@ -408,7 +415,7 @@ def build_datasets(args):
     """(train set, val set, number of classes); FakeData mimics ImageNet's 1000 classes."""
     train_tf, val_tf = build_transforms(args)
     if args.data == "fake":
-        resize = round(args.img_size * 256 / 224)
+        resize = eval_resize(args.img_size)
         shape, val_size = (3, resize, resize), max(1, args.fake_size // 4)
         val_set = FakeImages(val_size, shape, 1000, val_tf, random_offset=args.fake_size)
         return FakeImages(args.fake_size, shape, 1000, train_tf), val_set, 1000
@@ -525,13 +532,12 @@ def precise_bn(models, batches, world_size):
         for bn in batch_norms(model):
             bn.reset_running_stats()
             bn.momentum = None  # running stats become the cumulative average of batch stats
-    # All BatchNorms sit in the conv stem and see only the image: running the stem is enough.
-    stems = [m.stem if set(batch_norms(m)) <= set(batch_norms(getattr(m, "stem", nn.Module())))
-             else m for m in models]
+    # A ViT's BatchNorms all sit in its conv stem, which sees only the image: run just the stem.
+    forwards = [m.stem if isinstance(m, vitc.ViT) else m for m in models]
     count = 0
     for images in batches:
-        for stem in stems:
-            stem(images)
+        for forward in forwards:
+            forward(images)
         count += 1
     for model, (training, bn_state) in zip(models, saved):
         for bn, (momentum, tracked) in zip(batch_norms(model), bn_state):
@@ -543,12 +549,12 @@ def precise_bn(models, batches, world_size):
     return count
 
 
-def precise_bn_batches(run, epoch):
+def precise_bn_batches(run, seed):
     """This rank's share of --precise-bn training images, with the train transforms and lighting
-    but no mixup/CutMix, in micro-batches. Drawn from a generator seeded by (seed, epoch)."""
+    but no mixup/CutMix, in micro-batches, drawn with `seed`. Lazy: nothing loads until used."""
     per_rank = max(1, run.args.precise_bn // (run.micro_batch * run.world_size))
     per_rank = min(per_rank, len(run.train_set) // (run.micro_batch * run.world_size))
-    generator = torch.Generator().manual_seed(run.args.seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(run.train_set), generator=generator)
     mine = order[run.rank::run.world_size][:per_rank * run.micro_batch].tolist()
     loader = DataLoader(Subset(run.train_set, mine), run.micro_batch, num_workers=run.workers,
@@ -560,13 +566,13 @@ def precise_bn_batches(run, epoch):
 def recompute_bn_statistics(run, epoch):
     """Precise BN for the model and its EMA, on one pass over the same images. Runs under its
     own RNG state, so that the training's random streams (and exact resume) are untouched."""
-    models = [m for m in (run.model, run.ema) if m is not None and batch_norms(m)]
-    if run.args.precise_bn == 0 or not models:
+    if run.args.precise_bn == 0:
         return
-    devices = [run.device] if run.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(run.args.seed * 100_003 + epoch)
-        precise_bn(models, precise_bn_batches(run, epoch), run.world_size)
+    models = [m for m in (run.model, run.ema) if m is not None]  # ViT_P: loads no image
+    seed = run.args.seed * 100_003 + epoch
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        precise_bn(models, precise_bn_batches(run, seed), run.world_size)
 
 
 @contextlib.contextmanager
@@ -715,10 +721,7 @@ def load_checkpoint(args):
 
 def check_resume(run, ckpt, path):
     """Every rank must see the same checkpoint, and the epoch must have the same steps."""
-    steps = [None if ckpt is None else ckpt["step"]]
-    if run.world_size > 1:
-        steps = [None] * run.world_size
-        dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
+    steps = all_gather(None if ckpt is None else ckpt["step"], run.world_size)
     if len(set(steps)) > 1:
         raise RunError(f"the ranks found different checkpoints at {path} (steps {steps}): --out "
                        f"must be on a filesystem shared by all nodes")
@@ -744,10 +747,7 @@ def restore(run, ckpt):
 
 def save_checkpoint(run):
     """Rank 0 writes OUT/checkpoint.pt atomically; every rank contributes its RNG state."""
-    states = [rng_state(run.device)]
-    if run.world_size > 1:
-        states = [None] * run.world_size
-        dist.all_gather_object(states, rng_state(run.device))
+    states = all_gather(rng_state(run.device), run.world_size)
     sync_buffers(run.model, run.world_size)
     on_rank_0(run, lambda: save_atomic({
         "model": run.model.state_dict(),
@@ -766,8 +766,7 @@ def save_checkpoint(run):
 def new_progress():
     """Running figures of the epoch under way; checkpointed, so that an epoch interrupted and
     resumed is still logged whole."""
-    return {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "epoch_time": 0.0, "unreadable": 0,
-            "resumed": False}
+    return {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "epoch_time": 0.0, "unreadable": 0}
 
 
 def train_one_epoch(run, epoch, skip):
@@ -983,6 +982,10 @@ def on_signal(run):
     return handler
 
 
+def stopped_by_signal(run):
+    return stopped(run, f"stopped by {run.stop_signal or 'a signal to another rank'}")
+
+
 def stopped(run, why):
     if run.rank == 0:
         print(f"{why} at step {run.step}; checkpoint {checkpoint_file(run.args)}. To continue, "
@@ -990,7 +993,7 @@ def stopped(run, why):
     return 0
 
 
-def end_epoch(run, epoch, record):
+def end_epoch(run, record, resumed):
     """Evaluation (every --eval-every epochs and at the end), checkpoint, and the log line."""
     args, progress = run.args, run.progress
     if run.epoch % args.eval_every == 0 or run.epoch == args.epochs:
@@ -998,7 +1001,7 @@ def end_epoch(run, epoch, record):
     record.update(epoch_time=time.perf_counter() - run.epoch_start + progress["epoch_time"],
                   images_per_sec=progress["steps"] * args.batch_size / progress["seconds"],
                   unreadable=progress["unreadable"])
-    if progress["resumed"]:  # the figures still cover the whole epoch, over two invocations
+    if resumed:  # the figures still cover the whole epoch, over two invocations
         record["resumed_mid_epoch"] = True
     if run.device.type == "cuda":
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
@@ -1045,19 +1048,18 @@ def train_epochs(run):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         skip = min(max(run.step - epoch * run.steps_per_epoch, 0), run.steps_per_epoch)
-        run.progress["resumed"] |= skip > 0
         train_one_epoch(run, epoch, skip)
-        signal_name = run.stop_signal or "a signal to another rank"
         if run.stopped and run.step < (epoch + 1) * run.steps_per_epoch:  # mid-epoch
             run.progress["epoch_time"] += time.perf_counter() - run.epoch_start
             save_checkpoint(run)
-            return stopped(run, f"stopped by {signal_name}")
+            return stopped_by_signal(run)
         run.epoch = epoch + 1
-        end_epoch(run, epoch, {"epoch": run.epoch, "step": run.step, "lr": run.lr,
-                               "train_loss": run.progress["loss_sum"] / run.progress["steps"]})
+        end_epoch(run, {"epoch": run.epoch, "step": run.step, "lr": run.lr,
+                        "train_loss": run.progress["loss_sum"] / run.progress["steps"]},
+                  resumed=skip > 0)
         signalled = torch.tensor([float(run.stop_signal is not None)], device=device)
         if all_sum(signalled, run.world_size).item():  # on the last step or during evaluation
-            return stopped(run, f"stopped by {run.stop_signal or 'a signal to another rank'}")
+            return stopped_by_signal(run)
         asked_stop = args.stop_after and run.epoch - first_epoch >= args.stop_after
         if asked_stop and run.epoch < args.epochs:
             return stopped(run, f"stopped after {args.stop_after} epochs as asked (--stop-after)")
