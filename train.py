@@ -822,6 +822,10 @@ def run_steps(run, epoch, skip, bar):
                            "folder still there?")
         check_unreadable(run, unreadable, epoch)
         if not math.isfinite(loss_value):  # checked before the update can spread it
+            # Marked in the log, so that a sweep's report counts the run as diverged.
+            marker = {"epoch": epoch + 1, "step": run.step + 1, "diverged": str(loss_value)}
+            on_rank_0(run, functools.partial(append_line, os.path.join(args.out, "log.jsonl"),
+                                             marker))
             raise RunError(f"loss is {loss_value} at step {run.step + 1} (epoch {epoch + 1}); "
                            f"stopped, the last good checkpoint stays in {args.out}")
         run.optimizer.step()

@@ -1,0 +1,568 @@
+"""The paper's stability experiments (section 5) as commands (a tool, not part of the paper).
+
+    # lr/wd stability (section 5.3, Figures 4-5): 64 runs of 50 epochs, (lr, wd) log-uniform
+    python tools/sweep.py sample --model vitc_1gf --optimizer adamw --runs 64 --epochs 50 \\
+        --out runs/sweep-c1 --data /imagenet [--launch local|slurm] [-- more train.py flags]
+    # training length and optimizer stability (sections 5.1-5.2, Figures 2-3): a grid at the
+    # per-model lr/wd of Table 4 (left)
+    python tools/sweep.py grid --models vitp_1gf vitc_1gf --optimizers adamw sgd \\
+        --epochs 50 100 200 400 --out runs/length-1gf --data /imagenet [--launch ...]
+    # errors, EDFs, the paper's tables; edf.png and curves.png
+    python tools/sweep.py report runs/sweep-c1 runs/sweep-p1
+
+`sample` and `grid` write SWEEP/sweep.json (every run: name, model, optimizer, epochs, lr, wd and
+its train.py arguments) and SWEEP/commands.txt, print one train.py command per run and, with
+--launch, run them: `local` one after another, each in SWEEP/NAME with its output in
+SWEEP/NAME/output.log (run the same command again to go on: finished and diverged runs are
+skipped, an interrupted one resumes from its checkpoint); `slurm` writes SWEEP/sweep.sbatch, a
+job array with one task per run, and runs nothing. Learning rates are quoted at batch 2048 and
+train.py scales them to the batch it runs. `report` reads each run's log.jsonl: the error of a
+run is 100 - its final EMA top-1 (the model's top-1 with --no-ema). Runs that diverged (non-finite
+loss), failed or have not finished are counted and shown, never dropped: the EDF of a sweep is the
+fraction of *all* its runs whose error is within x of the best run's.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
+from plot import (  # noqa: E402
+    Parser, ToolError, cli, plot_runs, pyplot, read_jsonl, read_run, save_figure)
+
+import train  # noqa: E402
+import vitc  # noqa: E402
+
+TRAIN_PY = os.path.join(os.path.dirname(HERE), "train.py")
+
+# Table 4 (right): the intervals (lr, wd) are drawn from for ViT models, lr at batch 2048.
+RANGES = {"adamw": {"lr": (2.5e-4, 8e-3), "wd": (0.02, 0.8)},
+          "sgd": {"lr": (0.1, 3.2), "wd": (4e-6, 1.2e-4)}}
+# Table 4 (left): per-model lr/wd tuned at 50 epochs, used in sections 5.1-5.2 (none for 36GF).
+STABILITY = {"adamw": {"vitp_1gf": (2.0e-3, 0.20), "vitp_4gf": (2.0e-3, 0.20),
+                       "vitp_18gf": (1.0e-3, 0.24), "vitc_1gf": (2.5e-3, 0.19),
+                       "vitc_4gf": (1.0e-3, 0.24), "vitc_18gf": (1.0e-3, 0.24)},
+             "sgd": train.SGD}
+# Table 1: minutes per ImageNet-1k epoch on 8 V100 GPUs, for the cost estimates.
+EPOCH_MINUTES = {"vitp_1gf": 2.6, "vitp_4gf": 3.8, "vitp_18gf": 11.5, "vitp_36gf": 18.8,
+                 "vitc_1gf": 2.7, "vitc_4gf": 3.9, "vitc_18gf": 11.4, "vitc_36gf": 18.6}
+SET_BY_SWEEP = ("--model", "--stem", "--size", "--optimizer", "--lr", "--wd", "--epochs",
+                "--out", "--resume", "--data")
+THRESHOLDS = (0.5, 1, 2, 4, 8)  # top-1 error points, for the printed EDF
+
+
+# ------------------------------------------------------------------------------------------------
+# sample / grid: the runs of a sweep, their train.py commands, launching them
+# ------------------------------------------------------------------------------------------------
+
+
+def log_uniform(rng, low, high):
+    """A draw whose logarithm is uniform in [log low, log high], rounded to 4 significant digits
+    (the value the command carries); the rounding never leaves the interval."""
+    return float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.4g}")
+
+
+def sample_settings(optimizer, runs, seed, lr_range=None, wd_range=None):
+    """`runs` (lr, wd) pairs drawn log-uniformly from Table 4's ranges (or those given), the
+    same for a seed."""
+    rng = random.Random(seed)
+    lr_range, wd_range = lr_range or RANGES[optimizer]["lr"], wd_range or RANGES[optimizer]["wd"]
+    return [(log_uniform(rng, *lr_range), log_uniform(rng, *wd_range)) for _ in range(runs)]
+
+
+def grid_settings(which, model, optimizer):
+    """(lr, wd) of a grid run: Table 4 (left), or the peak runs' of section 6 (AdamW only)."""
+    if which == "peak":
+        if optimizer != "adamw":
+            raise ToolError("the peak runs (section 6) train every ViT with AdamW only")
+        return train.ADAMW[model.split("_")[1]]
+    if model not in STABILITY[optimizer]:
+        raise ToolError(f"Table 4 gives no {optimizer} lr/wd for {model} (only for the 1, 4 and "
+                        f"18GF models; --settings peak has 36GF's AdamW lr/wd)")
+    return STABILITY[optimizer][model]
+
+
+def train_argv(model, optimizer, epochs, lr, wd, out, data, extra):
+    argv = ["--model", model, "--optimizer", optimizer, "--epochs", str(epochs), "--lr", f"{lr:g}",
+            "--wd", f"{wd:g}", "--out", out, "--resume", "auto"]
+    return argv + (["--data", data] if data else []) + list(extra)
+
+
+def check_extra(extra):
+    for token in extra:
+        if token.split("=")[0] in SET_BY_SWEEP:
+            raise ToolError(f"{token.split('=')[0]} is set by sweep.py for each run (through its "
+                            f"own option, if it has one); pass only other train.py flags after --")
+
+
+def plan_runs(args):
+    """[{name, model, optimizer, epochs, lr, wd, argv}] of a `sample` or `grid` command."""
+    check_extra(args.extra)
+    plan = []
+    if args.command == "sample":
+        width = max(3, len(str(args.runs - 1)))
+        draws = sample_settings(args.optimizer, args.runs, args.seed, args.lr_range,
+                                args.wd_range)
+        for i, (lr, wd) in enumerate(draws):
+            plan.append({"name": f"run-{i:0{width}d}", "model": args.model,
+                         "optimizer": args.optimizer, "epochs": args.epochs, "lr": lr, "wd": wd})
+    else:
+        for model in args.models:
+            for optimizer in args.optimizers:
+                settings = grid_settings(args.settings, model, optimizer)
+                for epochs in args.epochs:
+                    plan.append({"name": f"{model}-{optimizer}-{epochs:03d}ep", "model": model,
+                                 "optimizer": optimizer, "epochs": epochs, "lr": settings[0],
+                                 "wd": settings[1]})
+    for run in plan:
+        run["argv"] = train_argv(run["model"], run["optimizer"], run["epochs"], run["lr"],
+                                 run["wd"], os.path.join(args.out, run["name"]), args.data,
+                                 args.extra)
+        try:  # every command must be one train.py accepts, before any of them runs
+            train.parse_args(run["argv"])
+        except train.RunError as e:
+            raise ToolError(f"train.py refuses the arguments of {run['name']}: {e}") from None
+    return plan
+
+
+def launcher(gpus, here=False):
+    """The command prefix that starts train.py on `gpus` GPUs of one machine: as printed (python
+    or torchrun), or `here`, with this interpreter."""
+    script = TRAIN_PY if here else os.path.relpath(TRAIN_PY)
+    python = sys.executable if here else "python"
+    if gpus == 1:
+        return [python, script]
+    torchrun = [python, "-m", "torch.distributed.run"] if here else ["torchrun"]
+    return [*torchrun, "--standalone", f"--nproc_per_node={gpus}", script]
+
+
+def load_plan(folder):
+    """The runs listed in FOLDER/sweep.json."""
+    path = os.path.join(folder, "sweep.json")
+    try:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        keys = {"name", "model", "optimizer", "epochs", "lr", "wd", "argv"}
+        if not all(keys <= run.keys() for run in runs):
+            raise ValueError("a run misses a setting")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ToolError(f"{path}: not a sweep written by tools/sweep.py ({e})") from None
+    return runs
+
+
+def write_plan(args, plan):
+    """SWEEP/sweep.json and commands.txt; a folder that holds another sweep is refused."""
+    manifest = {"kind": args.command, "settings": {
+        k: getattr(args, k) for k in ("model", "optimizer", "models", "optimizers", "settings",
+                                      "runs", "epochs", "seed", "lr_range", "wd_range", "data",
+                                      "extra")
+        if hasattr(args, k)},
+        "runs": plan}
+    path = os.path.join(args.out, "sweep.json")
+    if os.path.exists(path) and load_plan(args.out) != plan:
+        raise ToolError(f"{args.out} holds another sweep (its sweep.json lists other runs): "
+                        f"choose another --out, or repeat that sweep's own command")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(path + ".tmp", path)
+        with open(os.path.join(args.out, "commands.txt"), "w") as f:
+            f.writelines(shlex.join(launcher(args.gpus) + run["argv"]) + "\n" for run in plan)
+    except OSError as e:
+        raise ToolError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+
+
+def gpu_hours(plan):
+    """V100 GPU-hours of a plan at the paper's epoch times (Table 1, 8 V100s)."""
+    return sum(EPOCH_MINUTES[r["model"]] * r["epochs"] * 8 / 60 for r in plan)
+
+
+def read_status(run, folder, launches):
+    """(status, error %, detail, log) of one run of a sweep; see run_status()."""
+    record = read_run(folder, need_log=False) if os.path.isdir(folder) else None
+    return (*run_status(run, record, launches.get(run["name"], {})),
+            (record or {}).get("log") or [])
+
+
+def run_status(run, record, launch):
+    """(status, error %, detail) of a run: finished (with its error), diverged, failed (its
+    launch ended with a non-zero exit), unfinished (started, not ended) or not started."""
+    log = (record or {}).get("log") or []
+    epochs = [r for r in log if "train_loss" in r]
+    if log and "diverged" in log[-1]:
+        return "diverged", None, f"loss {log[-1]['diverged']} at step {log[-1]['step']}"
+    if epochs and epochs[-1]["epoch"] == run["epochs"]:
+        final = epochs[-1]
+        top1 = final.get("ema_top1", final.get("val_top1"))
+        if top1 is not None:
+            return "finished", 100 - top1, ""
+    if launch.get("exit", 0) != 0:
+        return "failed", None, f"exit {launch['exit']}"
+    if record is None or (record["log"] is None and not record["args"]):
+        return "not started", None, ""
+    return "unfinished", None, f"{len(epochs)} of {run['epochs']} epochs"
+
+
+def read_launches(out):
+    """The last launch record of each run (SWEEP/launch.jsonl, written by --launch local)."""
+    path = os.path.join(out, "launch.jsonl")
+    return {r["run"]: r for r in read_jsonl(path)} if os.path.exists(path) else {}
+
+
+def launch_local(args, plan):
+    """Runs the sweep's commands one after another; a signal stops the run under way (it
+    checkpoints) and the sweep. Returns the exit status: 1 if a run failed, 128 + N after
+    signal N."""
+    stop, child = [], None
+
+    def forward(signum, frame):
+        stop.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)  # train.py checkpoints on the first, aborts on a second
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = []
+    try:
+        for i, run in enumerate(plan):
+            if stop:
+                break
+            folder = os.path.join(args.out, run["name"])
+            status, error, detail, _ = read_status(run, folder, read_launches(args.out))
+            head = f"[{i + 1}/{len(plan)}] {run['name']} (lr {run['lr']:g}, wd {run['wd']:g})"
+            if status in ("finished", "diverged"):
+                print(f"{head}: {status}{'' if error is None else f' earlier, error {error:.2f}%'}"
+                      f", skipped", flush=True)
+                continue
+            print(f"{head}: running, output in {os.path.join(folder, 'output.log')}", flush=True)
+            os.makedirs(folder, exist_ok=True)
+            start = time.time()
+            with open(os.path.join(folder, "output.log"), "ab") as output:
+                # its own session: a Ctrl-C reaches train.py once, through forward()
+                child = subprocess.Popen(launcher(args.gpus, here=True) + run["argv"],
+                                         stdout=output, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+                code = child.wait()
+            seconds = time.time() - start
+            with open(os.path.join(args.out, "launch.jsonl"), "a") as f:
+                f.write(json.dumps({"run": run["name"], "exit": code, "seconds": round(seconds, 1),
+                                    "ended": datetime.datetime.now().isoformat(
+                                        timespec="seconds")}) + "\n")
+            status, error, detail, _ = read_status(run, folder, read_launches(args.out))
+            if status == "failed":
+                failed.append(run["name"])
+                detail += f": {last_line(os.path.join(folder, 'output.log'))}"
+            result = f", error {error:.2f}%" if error is not None else f" ({detail})"
+            print(f"{head}: {status}{result} in {seconds:.0f} s", flush=True)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if stop:  # 128 + signal, as a process killed by it: a shell loop of sweeps stops too
+        print(f"stopped by {signal.Signals(stop[0]).name}: the run under way saved a checkpoint; "
+              f"the same command goes on from there")
+        return 128 + stop[0]
+    if failed:
+        print(f"sweep.py: {len(failed)} runs failed ({', '.join(failed)}): see their output.log; "
+              f"the same command runs them again", file=sys.stderr)
+        return 1
+    print(f"done: python tools/sweep.py report {args.out}")
+    return 0
+
+
+def last_line(path):
+    with open(path, errors="replace") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def write_slurm(args, plan):
+    """SWEEP/sweep.sbatch: a job array, one task per line of SWEEP/commands.txt."""
+    path = os.path.join(args.out, "sweep.sbatch")
+    commands = os.path.abspath(os.path.join(args.out, "commands.txt"))
+    cpus = args.gpus * args.cpus_per_gpu
+    lines = ["#!/bin/bash",
+             "# Written by tools/sweep.py: one array task per run, the run's command being line",
+             "# TASK_ID + 1 of commands.txt. Submit with `sbatch` (add --partition, --time, ...",
+             "# there or below). Submitting again resumes unfinished runs from their checkpoints;",
+             "# finished ones exit at once. train.py checkpoints on SIGTERM: --signal asks Slurm",
+             "# for one 120 s before the time limit.",
+             f"#SBATCH --job-name=sweep-{os.path.basename(os.path.normpath(args.out))}",
+             f"#SBATCH --array=0-{len(plan) - 1}",
+             "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --gpus-per-node={args.gpus}", f"#SBATCH --cpus-per-task={cpus}",
+             f"#SBATCH --output={os.path.abspath(args.out)}/slurm-%A_%a.out",
+             "#SBATCH --open-mode=append", "#SBATCH --signal=B:TERM@120",
+             *(f"#SBATCH {a}" for a in args.sbatch),
+             "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
+             f'command=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands)})',
+             'eval "exec $command"', ""]
+    try:
+        with open(path, "w") as f:
+            f.write("\n".join(lines))
+    except OSError as e:
+        raise ToolError(f"cannot write {path} ({e.strerror or e})") from None
+    return path
+
+
+def plan_command(args):
+    if args.data and args.data != "fake" and not os.path.isdir(args.data):
+        raise ToolError(f"--data {args.data}: no such folder")
+    plan = plan_runs(args)
+    write_plan(args, plan)
+    for run in plan:
+        print(shlex.join(launcher(args.gpus) + run["argv"]))
+    hours = gpu_hours(plan)
+    print(f"# {len(plan)} runs, {sum(r['epochs'] for r in plan)} epochs in all: about "
+          f"{hours:,.0f} V100 GPU-hours at the paper's ImageNet epoch times (Table 1, 8 V100s); "
+          f"plan in {os.path.join(args.out, 'sweep.json')}", flush=True)
+    if args.launch == "local":
+        return launch_local(args, plan)
+    if args.launch == "slurm":
+        print(f"# submit with: sbatch {write_slurm(args, plan)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# report: errors, EDFs, the tables of Figures 2-5
+# ------------------------------------------------------------------------------------------------
+
+
+def edf(errors, total, x):
+    """Fraction of all `total` runs whose error is within x of the best (finished) one's."""
+    best = min(errors)
+    return sum(e - best <= x for e in errors) / total
+
+
+def is_run(folder):
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("args.jsonl", "log.jsonl"))
+
+
+def planned(folder, need_log):
+    """The settings of a run folder outside a sweep, from its args.jsonl."""
+    args = read_run(folder, need_log)["args"]
+    if not args:
+        raise ToolError(f"{folder}: no args.jsonl, so its model and settings are unknown")
+    return {"name": os.path.basename(os.path.normpath(folder)),
+            **{k: args[k] for k in ("model", "optimizer", "epochs", "lr", "wd")}}
+
+
+def find_runs(folder):
+    """[(settings, run folder)] under a folder argument of `report`: a sweep's planned runs
+    (sweep.json), the run folders inside a folder, or the folder itself if it is a run (which
+    then needs its log.jsonl)."""
+    if not os.path.isdir(folder):
+        raise ToolError(f"{folder}: no such folder")
+    if os.path.exists(os.path.join(folder, "sweep.json")):
+        return [(r, os.path.join(folder, r["name"])) for r in load_plan(folder)]
+    if is_run(folder):
+        return [(planned(folder, need_log=True), folder)]
+    subs = sorted(os.path.join(folder, d) for d in os.listdir(folder))
+    runs = [(planned(d, need_log=False), d) for d in subs if is_run(d)]
+    if not runs:
+        raise ToolError(f"{folder}: no runs (no sweep.json, and no train.py run folders in it)")
+    return runs
+
+
+def collect(folder):
+    """[{name, folder, model, optimizer, epochs, lr, wd, status, error, detail, log}] of a
+    report argument."""
+    launches = read_launches(folder)
+    runs = []
+    for plan, path in find_runs(folder):
+        status, error, detail, log = read_status(plan, path, launches)
+        runs.append(dict(plan, folder=path, status=status, error=error, detail=detail, log=log))
+    return runs
+
+
+def count_line(runs):
+    counts = {s: sum(r["status"] == s for r in runs) for s in
+              ("finished", "diverged", "failed", "unfinished", "not started")}
+    return f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+
+
+def print_sweep(folder, runs, thresholds):
+    """The summary of one folder argument, and an EDF per (model, optimizer, epochs) group."""
+    print(f"{folder}: {count_line(runs)}")
+    for r in runs:
+        if r["status"] not in ("finished", "not started"):
+            print(f"  {r['name']}: {r['status']}" + (f" ({r['detail']})" if r["detail"] else ""))
+    curves = []
+    for key, group in groups(runs).items():
+        errors = [r["error"] for r in group if r["error"] is not None]
+        if len(group) < 2 or not errors:
+            continue
+        best = min((r for r in group if r["error"] is not None), key=lambda r: r["error"])
+        print(f"  {' '.join(map(str, key))} ep: best error {best['error']:.2f}% ({best['name']}:"
+              f" lr {best['lr']:g}, wd {best['wd']:g}); EDF, fraction of all {len(group)} runs "
+              f"within x of it: " + "  ".join(f"x<={x:g}: {edf(errors, len(group), x):.2f}"
+                                              for x in thresholds))
+        curves.append((f"{' '.join(map(str, key))} ep ({folder})", errors, len(group)))
+    return curves
+
+
+def groups(runs):
+    out = {}
+    for r in runs:
+        out.setdefault((r["model"], r["optimizer"], r["epochs"]), []).append(r)
+    return out
+
+
+def print_tables(runs):
+    """Errors by (model, optimizer, epochs), then the gaps Figures 2 and 3 plot."""
+    table = groups(runs)
+    print(f"\n{'model':<10} {'optimizer':<9} {'epochs':>6} {'runs':>5} {'finished':>8} "
+          f"{'best err':>8} {'median':>7}")
+    best = {}
+    for key in sorted(table):
+        errors = [r["error"] for r in table[key] if r["error"] is not None]
+        if errors:
+            best[key] = min(errors)
+        cells = f"{min(errors):>8.2f} {statistics.median(errors):>7.2f}" if errors else \
+            f"{'-':>8} {'-':>7}"
+        print(f"{key[0]:<10} {key[1]:<9} {key[2]:>6} {len(table[key]):>5} {len(errors):>8} "
+              + cells)
+    pairs = sorted({(m, o) for m, o, _ in best})
+    lengths = {p: sorted(e for m, o, e in best if (m, o) == p) for p in pairs}
+    rows = [(p, e) for p, e in lengths.items() if len(e) > 1]
+    if rows:
+        print("\ntraining length (section 5.1, Figure 2): best error minus that of the longest "
+              "schedule")
+        for (m, o), epochs in rows:
+            print(f"  {m:<10} {o:<6} " + "  ".join(
+                f"{e} ep: {best[m, o, e] - best[m, o, epochs[-1]]:+.2f}" for e in epochs[:-1]))
+    gaps = sorted((m, e) for m, o, e in best if o == "sgd" and (m, "adamw", e) in best)
+    if gaps:
+        print("\noptimizer (section 5.2, Figure 3): SGD error minus AdamW error")
+        for m, e in gaps:
+            print(f"  {m:<10} {e:>4} ep: {best[m, 'sgd', e] - best[m, 'adamw', e]:+.2f}")
+
+
+def plot_edfs(curves, path, xmax=10):
+    """Figure 4's style: for each sweep, the fraction of its runs with error - best <= x."""
+    fig, ax = pyplot().subplots(figsize=(6, 4.5))
+    for label, errors, total in curves:
+        deltas = sorted(e - min(errors) for e in errors)
+        ys = [(i + 1) / total for i in range(len(deltas))]  # runs within each delta
+        ax.step([0.0, *deltas, xmax], [0.0, *ys, ys[-1]], where="post",
+                label=f"{label}, {len(errors)}/{total} finished")
+    ax.set(xlim=(-0.02 * xmax, xmax), ylim=(0, 1.03), ylabel="fraction of runs",
+           xlabel="top-1 error minus the best run's (points)", title="lr/wd stability (EDF)")
+    ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
+def report_command(args):
+    every, curves = [], []
+    for folder in args.folders:
+        runs = collect(folder)
+        curves += print_sweep(folder, runs, args.thresholds)
+        every += runs
+    print_tables(every)
+    out = args.out or args.folders[0]
+    started = [r for r in every if r["log"]]
+    written = []
+    try:
+        if curves:
+            plot_edfs(curves, os.path.join(out, "edf.png"), args.edf_xmax)
+            written.append(os.path.join(out, "edf.png"))
+        if started:
+            plot_runs(started, [f"{r['model']} {r['optimizer']} {r['epochs']} ep"
+                                for r in started], os.path.join(out, "curves.png"))
+            written.append(os.path.join(out, "curves.png"))
+    except ToolError as e:  # the tables above stand without the plots
+        print(f"sweep.py: warning: no plots: {e}", file=sys.stderr)
+    if written:
+        print(f"\nwrote {' and '.join(written)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def model_name(text):
+    if text not in vitc.VARIANTS:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; valid: "
+                                         f"{', '.join(vitc.VARIANTS)}")
+    return text
+
+
+def parse_args(argv):
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sample = sub.add_parser("sample", help="lr/wd drawn log-uniformly from Table 4's ranges")
+    sample.add_argument("--model", type=model_name, required=True)
+    sample.add_argument("--optimizer", choices=list(RANGES), required=True)
+    sample.add_argument("--runs", type=positive, default=64)
+    sample.add_argument("--epochs", type=positive, default=50)
+    sample.add_argument("--seed", type=int, default=0, help="seed of the (lr, wd) draws")
+    for name in ("lr", "wd"):
+        sample.add_argument(f"--{name}-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                            help=f"draw the {name} from here instead of Table 4's range (e.g. "
+                                 f"for another dataset; lr at batch 2048)")
+    grid = sub.add_parser("grid", help="models x optimizers x epochs at Table 4's lr/wd")
+    grid.add_argument("--models", type=model_name, nargs="+", required=True)
+    grid.add_argument("--optimizers", choices=list(RANGES), nargs="+", default=["adamw"])
+    grid.add_argument("--epochs", type=positive, nargs="+", default=[50, 100, 200, 400])
+    grid.add_argument("--settings", choices=["table4", "peak"], default="table4",
+                      help="lr/wd: table4, each model's tuned at 50 epochs (Table 4, left; "
+                           "sections 5.1-5.2), or peak, section 6's (train.py's defaults)")
+    for s in (sample, grid):
+        s.add_argument("--out", required=True, help="the sweep's folder")
+        s.add_argument("--data", help="train.py's --data (default: train.py's, $IMAGENET)")
+        s.add_argument("--launch", choices=["local", "slurm"],
+                       help="local: run the commands one after another; slurm: write a job "
+                            "array script (default: only print the commands)")
+        s.add_argument("--gpus", type=positive, default=1, help="GPUs per run (torchrun if > 1)")
+        s.add_argument("--cpus-per-gpu", type=positive, default=10, help="for --launch slurm")
+        s.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       help="an extra #SBATCH line for --launch slurm, e.g. "
+                            "--sbatch=--time=72:00:00 (repeatable)")
+    report = sub.add_parser("report", help="errors, EDFs and curves of finished sweeps")
+    report.add_argument("folders", nargs="+", metavar="FOLDER",
+                        help="sweep folders, folders of run folders, or run folders")
+    report.add_argument("--out", help="where edf.png and curves.png go (default: the first "
+                                      "FOLDER)")
+    report.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS),
+                        help="the x (top-1 error points) at which the EDF is printed")
+    report.add_argument("--edf-xmax", type=float, default=10,
+                        help="x range of edf.png, as Figures 4-5 (points of top-1 error)")
+    args = p.parse_args(argv)
+    if extra and args.command == "report":
+        raise ToolError("report takes no train.py flags")
+    for name in ("lr_range", "wd_range"):
+        low, high = getattr(args, name, None) or (1, 1)
+        if not 0 < low <= high:
+            raise ToolError(f"--{name.replace('_', '-')} needs 0 < LOW <= HIGH, got {low} {high}")
+    args.extra = extra
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return report_command(args) if args.command == "report" else plan_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main, "sweep.py"))
