@@ -1082,6 +1082,26 @@ def test_train_py_learns_far_above_chance(patterns, tmp_path, model, extra, thre
     assert final["val_top1"] > threshold and final["ema_top1"] > threshold, final
 
 
+def test_loader_benchmark_times_each_stage_and_the_cores_a_gpu_needs(tmp_path):
+    bench = [sys.executable, str(HERE / "tools" / "bench.py"), "--loader"]
+    run = subprocess.run([*bench, str(tmp_path / "jpegs"), "--make-jpegs", "6", "--images", "4",
+                          "--rounds", "2", "--workers", "1", "--batch-size", "2", "--models",
+                          "vitp_1gf", "vitc_36gf"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "jpegs" / "train").glob("class_*/*.jpg"))) == 6
+    rates = dict(re.findall(r"^(read file bytes|PIL decode \+ convert RGB|torchvision.io."
+                            r"decode_jpeg|train pipeline \(ImageFiles\)) +([\d.]+)", run.stdout,
+                            re.M))
+    assert len(rates) == 4 and all(float(v) > 0 for v in rates.values()), run.stdout
+    # without CUDA the GPU's rate is the paper's: 1,281,167 images / (18.6 min x 60) / 8 V100s
+    cores = re.search(r"^vitc_36gf +143\.5 +([\d.]+) +(\d+)%", run.stdout, re.M)
+    assert cores and float(cores[1]) > 0, run.stdout
+    missing = subprocess.run([*bench, str(tmp_path / "missing")], capture_output=True, text=True)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
+        f"bench.py: error: --loader {tmp_path / 'missing'}: no such folder (--make-jpegs N "
+        f"generates one)"]
+
+
 # ------------------------------------------------------------------------------------------------
 # tools/sweep.py and tools/plot.py: the paper's stability experiments as commands
 # ------------------------------------------------------------------------------------------------

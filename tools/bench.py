@@ -1,4 +1,5 @@
-"""Training-step speed of the paper's models, side by side (a benchmark, not part of the paper).
+"""Training-step speed of the paper's models, side by side, and of the input pipeline that feeds
+them (a benchmark, not part of the paper).
 
     python tools/bench.py --models vitp_1gf vitc_1gf                 # ViT_C vs ViT_P
     python tools/bench.py --models vitp_1gf vitc_1gf --torchvision   # ours vs torchvision's ViT
@@ -12,21 +13,42 @@ per-round ratios, which is the ratio of those geometric means: the images/s and 
 always agree. On CUDA the steps run under bf16 autocast with TF32 on, and MFU (model-flops
 utilisation, the fraction of the GPU's arithmetic the model's own multiply-adds use) is
 6 x forward multiply-adds x images/s over the bf16 matmul rate measured on the same GPU.
+
+The input pipeline (--loader DIR): can the CPU cores feed the GPU?
+
+    python tools/bench.py --loader /tmp/jpegs --make-jpegs 1000 --workers 1 2   # generated JPEGs
+    python tools/bench.py --loader /imagenet --models vitp_1gf vitc_1gf vitp_36gf vitc_36gf
+
+DIR is an ImageFolder (DIR/CLASS/*.jpg), or a train.py data folder, whose DIR/train is then used;
+--make-jpegs N first fills a DIR that does not exist yet with N ImageNet-like JPEGs (about
+500x375, ~100 KB at quality 90, fixed seed). It prints, from one process with one thread (what
+one loader worker on one core does), the images/s of: reading the files' bytes; PIL decode +
+convert("RGB"); torchvision.io.decode_jpeg; and train.py's whole train pipeline
+(train.ImageFiles with train.build_transforms: decode, RandomResizedCrop, flip, AutoAugment v0),
+one stage after another on the same images each round, so that after the read (which on a cold
+disk measures the storage) the others measure the CPU. Then the same pipeline through a
+DataLoader with each --workers count, timed after one warm-up batch per worker (their start-up).
+Last, the CPU cores one GPU needs: a GPU's training images/s (on CUDA the bf16 training step
+above at --batch-size; without CUDA the paper's Table 1 epoch times on 8 V100s) over the
+images/s per worker of the DataLoader with the most workers, and the share of the GPU's rate
+that this machine's workers deliver.
 """
 
 import argparse
+import itertools
 import math
 import os
+import random
 import sys
 import time
 from functools import partial
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import vitc  # noqa: E402  (the repository root, wherever this script is run from)
+import vitc  # after the path: the repository root, wherever this script is run from
 
 
 def torchvision_twin(name, img_size=224, num_classes=1000):
@@ -105,19 +127,252 @@ def report(times, batch_size, pairs, flops=None, peak=None):
               f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")
 
 
+# The paper's Table 1: minutes per ImageNet-1k epoch (1,281,167 train images) on 8 V100 GPUs.
+PAPER_EPOCH_MINUTES = {"vitp_1gf": 2.6, "vitp_4gf": 3.8, "vitp_18gf": 11.5, "vitp_36gf": 18.8,
+                       "vitc_1gf": 2.7, "vitc_4gf": 3.9, "vitc_18gf": 11.4, "vitc_36gf": 18.6}
+IMAGENET_TRAIN_IMAGES = 1281167
+
+
+def fail(message):
+    sys.exit(f"bench.py: error: {message}")
+
+
+def make_jpegs(root, count, classes=8, seed=0):
+    """Writes `count` ImageNet-like JPEGs to root/train/class_K/. JPEG decoding costs about in
+    proportion to the compressed size, so they are made to compress like photos: smooth colour
+    fields, a few hard-edged shapes, and grain (which sets the size: ~60-150 KB at quality 90)."""
+    from PIL import ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+
+    def smooth(h, w, cell):  # colour noise on a grid of `cell` pixels, interpolated
+        noise = torch.rand(1, 3, h // cell + 2, w // cell + 2, generator=gen)
+        return F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)[0]
+    for i in range(count):
+        w, h = rng.randint(400, 600), rng.randint(300, 450)
+        if rng.random() < 0.25:  # a quarter portrait
+            w, h = h, w
+        image = to_pil_image((255 * (0.7 * smooth(h, w, 64) + 0.3 * smooth(h, w, 8)))
+                             .clamp(0, 255).to(torch.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(3, 10)):
+            (x0, x1), (y0, y1) = sorted(rng.sample(range(w), 2)), sorted(rng.sample(range(h), 2))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
+        grain = rng.uniform(14, 34) * torch.randn(1, h, w, generator=gen)
+        image = to_pil_image((pil_to_tensor(image) + grain).clamp(0, 255).to(torch.uint8))
+        folder = os.path.join(root, "train", f"class_{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+
+
+def open_images(args):
+    """train.py's train set on --loader DIR (or DIR/train): train.ImageFiles with the train
+    transforms train.py builds from its own defaults at --img-size."""
+    import train  # here, not at the top: the training-step benchmark does not need train.py
+    folder = os.path.join(args.loader, "train")
+    folder = folder if os.path.isdir(folder) else args.loader
+    try:
+        train_tf = train.build_transforms(train.parse_args(
+            ["--data", args.loader, "--img-size", str(args.img_size)]))[0]
+        return train.ImageFiles(folder, train_tf, replace=True, blank_size=args.img_size)
+    except train.RunError as e:
+        fail(e)
+    except OSError as e:  # no class folders, or a class folder without images
+        fail(f"--loader {folder}: {str(e).splitlines()[0]}")
+
+
+def describe(dataset, sample=500):
+    """Mean file size and pixel size of up to `sample` files spread over the data set."""
+    from PIL import Image
+
+    def pixels(path):
+        with Image.open(path) as image:  # reads the header only
+            return image.size
+    paths = [p for p, _ in dataset.samples[::max(1, len(dataset) // sample)]]
+    sizes = [pixels(p) for p in paths]
+    return (sum(map(os.path.getsize, paths)) / len(paths) / 1e3,
+            *(round(sum(s[k] for s in sizes) / len(sizes)) for k in (0, 1)), len(paths))
+
+
+def stage_steps(dataset, chunk, seed=0):
+    """{stage: step()}: a step runs its stage on the next `chunk` images of a fixed random order
+    and returns its seconds. All stages take the same images in a round, the read first."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    path = [dataset.samples[i][0] for i in order]
+
+    def read(k):
+        with open(path[k], "rb") as f:
+            return f.read()
+    stages = {"read file bytes": read,
+              "PIL decode + convert RGB": lambda k: dataset.loader(path[k]),
+              "torchvision.io.decode_jpeg": lambda k: decode_jpeg(read_file(path[k]),
+                                                                  mode=ImageReadMode.RGB),
+              "train pipeline (ImageFiles)": lambda k: dataset[order[k]]}
+
+    def make_step(name, run):
+        rounds = itertools.count()
+
+        def step():
+            first = next(rounds) * chunk
+            start = time.perf_counter()
+            try:
+                for k in range(first, first + chunk):
+                    run(k % len(order))
+            except (OSError, RuntimeError, ValueError) as e:  # e.g. decode_jpeg on a PNG
+                fail(f"{name}: {path[k % len(order)]}: {type(e).__name__}: {e}".splitlines()[0])
+            return time.perf_counter() - start
+        return step
+    return {name: make_step(name, run) for name, run in stages.items()}
+
+
+def time_loader(dataset, workers, batch_size, images, pin_memory):
+    """(images/s, seconds to the first batch) of `dataset` through a DataLoader. Each worker
+    makes whole batches, so the warm-up is one batch per worker (their start-up included) and
+    the timed part whole rounds of one batch per worker: batches already prepared while the
+    warm-up ones were awaited do not flatter the rate."""
+    from torch.utils.data import DataLoader, RandomSampler
+    rounds = max(1, math.ceil(images / (batch_size * workers)))
+    sampler = RandomSampler(dataset, num_samples=(rounds + 1) * workers * batch_size,
+                            generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    batches = iter(DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
+                              pin_memory=pin_memory))
+    next(batches)
+    first = time.perf_counter() - start
+    for _ in range(workers - 1):
+        next(batches)
+    start = time.perf_counter()
+    count = sum(len(labels) for _, labels, _ in batches)
+    return count / (time.perf_counter() - start), first
+
+
+def gpu_images_per_sec(args):
+    """{model: (training images/s of one GPU, where that comes from)}."""
+    if not torch.cuda.is_available():
+        return {name: (IMAGENET_TRAIN_IMAGES / (PAPER_EPOCH_MINUTES[name] * 60) / 8,
+                       f"paper Table 1, {PAPER_EPOCH_MINUTES[name]} min/epoch on 8 V100s")
+                for name in args.models}
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    steps = {name: make_train_step(vitc.create_model(name, img_size=args.img_size).cuda(),
+                                   args.batch_size, args.img_size, amp=True, compile=args.compile)
+             for name in args.models}
+    source = f"{torch.cuda.get_device_name()}, bf16 step, batch {args.batch_size}"
+    return {name: (args.batch_size / geometric_mean(seconds), source)
+            for name, seconds in time_rounds(steps, args.rounds).items()}
+
+
+def bench_loader(args):
+    """The input pipeline benchmark (see the module docstring)."""
+    if args.make_jpegs and not os.path.exists(args.loader):
+        start = time.perf_counter()
+        try:
+            make_jpegs(args.loader, args.make_jpegs)
+        except OSError as e:
+            fail(f"--make-jpegs: cannot write to {args.loader} ({e.strerror or e})")
+        print(f"made {args.make_jpegs} JPEGs in {args.loader}/train "
+              f"({time.perf_counter() - start:.0f} s)")
+    elif args.make_jpegs:
+        print(f"{args.loader} exists: using its images, none generated")
+    if not os.path.isdir(args.loader):
+        fail(f"--loader {args.loader}: no such folder (--make-jpegs N generates one)")
+    dataset = open_images(args)
+    import torchvision
+    from PIL import __version__ as pil_version
+    from PIL import features
+    kb, width, height, sampled = describe(dataset)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {pil_version} "
+          f"(libjpeg-turbo {features.version_feature('libjpeg_turbo')}), {os.cpu_count()} cores, "
+          f"load average {load:.2f}")
+    print(f"{dataset.root}: {len(dataset)} images, {len(dataset.classes)} classes, mean "
+          f"{kb:.1f} KB and {width}x{height} px ({sampled} files); train pipeline at "
+          f"{args.img_size} px")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one stage = one core, as in a loader worker (which has 1 thread)
+    torch.manual_seed(0)  # the augmentations' draws
+    chunk = max(1, args.images // args.rounds)
+    times = time_rounds(stage_steps(dataset, chunk), args.rounds, warmup=1)
+    torch.set_num_threads(threads)
+    print(f"\none process, one thread: {args.rounds} rounds of {chunk} images per stage")
+    print(f"{'stage':<30} {'img/s':>9} {'ms/img':>8}  rounds img/s")
+    for name, seconds in times.items():
+        rates = [chunk / s for s in seconds]
+        print(f"{name:<30} {chunk / geometric_mean(seconds):>9.1f} "
+              f"{geometric_mean(seconds) / chunk * 1e3:>8.2f}  {min(rates):.0f}-{max(rates):.0f}")
+    per_core = chunk / geometric_mean(times["train pipeline (ImageFiles)"])
+
+    print(f"\nDataLoader of the train pipeline, batch {args.batch_size}: >= {args.images} images "
+          f"timed after a warm-up batch per worker\n(first batch: the workers' start-up + one "
+          f"batch, which alone takes {args.batch_size / per_core:.2f} s at the one-process rate)")
+    print(f"{'workers':>7} {'img/s':>9} {'per worker':>10} {'vs 1 process':>12} "
+          f"{'first batch s':>13}")
+    loader = {}
+    for workers in args.workers:
+        rate, first = time_loader(dataset, workers, args.batch_size, args.images,
+                                  torch.cuda.is_available())
+        loader[workers] = rate
+        print(f"{workers:>7} {rate:>9.1f} {rate / workers:>10.1f} "
+              f"{rate / workers / per_core:>12.0%} {first:>13.2f}")
+
+    # Cores from the DataLoader's rate, not the bare pipeline's: what train.py actually gets;
+    # the best rate per worker, as a busy machine slows the runs with more workers most.
+    most = max(loader)
+    per_worker = max(rate / workers for workers, rate in loader.items())
+    print(f"\nCPU cores one GPU needs = its training img/s / {per_worker:.1f} img/s per loader "
+          f"worker (the best per-worker rate above); 'fed' = the share of the GPU's img/s that "
+          f"the {most} workers above deliver" + ("" if torch.cuda.is_available() else
+          "\nno CUDA here: the GPU img/s are the paper's, ImageNet epoch time (Table 1) / 8 V100s"))
+    print(f"{'model':<10} {'GPU img/s':>9} {'cores':>6} {'fed':>5}  GPU img/s from")
+    for name, (rate, source) in gpu_images_per_sec(args).items():
+        print(f"{name:<10} {rate:>9.1f} {rate / per_worker:>6.1f} "
+              f"{min(1.0, loader[most] / rate):>5.0%}  {source}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": such helps say the default
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vitp_1gf", "vitc_1gf"],
                         choices=list(vitc.VARIANTS), metavar="NAME",
                         help=f"any of {', '.join(vitc.VARIANTS)}")
     parser.add_argument("--torchvision", action="store_true",
                         help="also time torchvision's VisionTransformer twin of each model")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int,
+                        help="images per step (default: 32; with --loader 256, also per "
+                             "DataLoader batch)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--loader", metavar="DIR",
+                        help="time the input pipeline on the JPEGs in DIR (or DIR/train), one "
+                             "sub-folder per class, instead of the training step")
+    parser.add_argument("--make-jpegs", type=int, metavar="N",
+                        help="--loader: if DIR does not exist, first fill it with N generated "
+                             "ImageNet-like JPEGs (default: none)")
+    parser.add_argument("--workers", type=int, nargs="+", metavar="N",
+                        default=sorted({1, os.cpu_count() or 1}),
+                        help="--loader: DataLoader worker counts to time")
+    parser.add_argument("--images", type=int, default=2048,
+                        help="--loader: images timed per stage and per worker count")
     args = parser.parse_args()
+    if args.make_jpegs is not None and args.loader is None:
+        fail("--make-jpegs N makes JPEGs for --loader DIR: pass --loader too")
+    if args.loader is not None:
+        args.batch_size = 256 if args.batch_size is None else args.batch_size
+        if min(args.batch_size, args.rounds, args.images, *args.workers) < 1 or (
+                args.make_jpegs is not None and args.make_jpegs < 1):
+            fail("--batch-size, --rounds, --images, --workers and --make-jpegs must be >= 1")
+        if args.torchvision:
+            fail("--torchvision times training steps: it has no meaning with --loader")
+        return bench_loader(args)
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if cuda:
