@@ -913,6 +913,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, cap
     assert "loss is nan at step 4 (epoch 2)" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
     assert read_log(tmp_path)[-1] == {"epoch": 2, "step": 4, "diverged": "nan"}  # for reports
+    monkeypatch.setattr(F, "cross_entropy", real)
+    err = run_failing(tiny(data, tmp_path, "--resume", "auto"), capsys)  # not retried blindly
+    assert "diverged (loss nan at step 4): resuming it would repeat that" in err
 
 
 def limit_file_size():  # in the child: writes past 30 MB fail with EFBIG, as on a full disk
@@ -1237,6 +1240,11 @@ def test_sweep_report_tables_the_length_and_optimizer_gaps(tmp_path, capsys):
     assert code == 0 and "4 runs: 4 finished" in text
     assert re.search(r"vitp_1gf +adamw +50 ep: \+9\.30  100 ep: \+5\.80\n", text)  # Figure 2
     assert re.search(r"vitp_1gf +50 ep: \+3\.00\n", text)  # Figure 3: SGD - AdamW
+    write_run(tmp_path / "runs" / "sgd-400", [50.0], dict(settings, optimizer="sgd", epochs=400),
+              diverged=True)  # as ViT_P often does with SGD at long schedules (Figure 3)
+    text = run_tool(sweep.main, ["report", str(tmp_path / "runs")], capsys)[1]
+    assert "sgd-400: diverged" in text
+    assert re.search(r"vitp_1gf +sgd +50 ep: -  \(no finished 400-epoch run to compare\)", text)
 
 
 def test_sweep_and_plot_bad_input_is_one_line(tmp_path, capsys):
@@ -1247,6 +1255,10 @@ def test_sweep_and_plot_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "no_log" / "log.jsonl").unlink()
     (tmp_path / "no_log" / "args.jsonl").write_text(json.dumps({"args": {
         "model": "vitc_1gf", "optimizer": "adamw", "epochs": 2, "lr": 1e-3, "wd": 0.2}}) + "\n")
+    write_run(tmp_path / "garbage", [])
+    (tmp_path / "garbage" / "log.jsonl").write_bytes(b"\xff\xfe\x00")
+    write_run(tmp_path / "no_epoch", [])
+    (tmp_path / "no_epoch" / "log.jsonl").write_text('{"train_loss": 1}\n')
     sample = ["sample", "--optimizer", "adamw", "--out", str(tmp_path / "s")]
     for main, argv, message in [
         (sweep.main, ["report", str(tmp_path / "empty")], "no runs"),
@@ -1254,11 +1266,16 @@ def test_sweep_and_plot_bad_input_is_one_line(tmp_path, capsys):
         (sweep.main, ["report", str(tmp_path / "no_log")], "no log.jsonl"),
         (plot.main, [str(tmp_path / "no_log")], "no log.jsonl"),
         (plot.main, [str(tmp_path / "missing")], "no such folder"),
+        (plot.main, [str(tmp_path / "garbage")], "cannot read it"),
+        (plot.main, [str(tmp_path / "no_epoch")], "a record without its epoch"),
+        (sweep.main, ["report", str(tmp_path / "no_epoch"), "--thresholds", "-1"], ">= 0"),
         (sweep.main, [*sample, "--model", "vitc_2gf"], "unknown model 'vitc_2gf'"),
         (sweep.main, [*sample[:2], "adam", *sample[3:], "--model", "vitc_1gf"],
          "invalid choice: 'adam'"),
         (sweep.main, [*sample, "--model", "vitc_1gf", "--runs", "0"], "must be at least 1"),
         (sweep.main, [*sample, "--model", "vitc_1gf", "--", "--lr", "1"], "--lr is set by"),
+        (sweep.main, [*sample, "--model", "vitc_1gf", "--", "--ep", "9", "--mod", "vitp_1gf"],
+         "the flags after -- change what the sweep sets: --model, --epochs"),
         (sweep.main, [*sample, "--model", "vitc_1gf", "--", "--batch-size", "0"],
          "train.py refuses the arguments of run-000"),
     ]:
@@ -1334,3 +1351,36 @@ def test_a_signal_stops_the_local_sweep_after_its_run_checkpoints(tmp_path):
                                                                   ).exists()  # mid-epoch
     assert "SIGTERM: finishing the current step" in (out / "run-000" / "output.log").read_text()
     assert not (out / "run-001").exists()  # the sweep went no further
+
+
+def test_sweep_grid_plans_each_run_once_and_refuses_nothing_it_should_not(tmp_path, capsys):
+    argv = ["grid", "--models", "vitp_1gf", "vitp_1gf", "--epochs", "50", "50", "100", "--out",
+            str(tmp_path / "g")]
+    code, out, _ = run_tool(sweep.main, argv, capsys)
+    assert code == 0 and out.count("train.py") == 2  # duplicates given once
+    again = [*argv, "--", "--workers", "4"]  # a flag train.py lets a resumed run change
+    assert run_tool(sweep.main, again, capsys)[0] == 0
+    assert "--workers 4" in (tmp_path / "g" / "commands.txt").read_text()
+    launch = {"exit": 1, "signalled": True}  # stopped by the user: not a failure
+    assert sweep.run_status({"epochs": 50}, {"args": {}, "log": []}, launch)[0] == "unfinished"
+    assert sweep.run_status({"epochs": 50}, {"args": {}, "log": []}, {"exit": 1})[0] == "failed"
+
+
+def test_sweep_slurm_script_holds_a_task_per_run_still_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["sample", "--model", "vitc_1gf", "--optimizer", "adamw", "--runs", "3", "--out",
+            "my sweep", "--data", "/nowhere/imagenet", "--gpus", "8", "--launch", "slurm",
+            "--sbatch=--time=2:00:00"]
+    code, out, _ = run_tool(sweep.main, argv, capsys)
+    assert code == 0 and "# submit with: sbatch 'my sweep/sweep.sbatch'" in out
+    write_run(tmp_path / "my sweep" / "run-001", [30.0] * 50)  # finished since
+    run_tool(sweep.main, argv, capsys)
+    script = (tmp_path / "my sweep" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0,2\n" in script and "#SBATCH --gpus-per-node=8\n" in script
+    assert "#SBATCH --time=2:00:00\n" in script
+    dry = script.replace('eval "exec ', 'eval "printf \'%s\\n\' ')  # print the argv, run nothing
+    words = subprocess.run(["bash", "-c", dry], env=dict(os.environ, SLURM_ARRAY_TASK_ID="2"),
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert words[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert words[words.index("--out") + 1] == "my sweep/run-002"  # one word, space and all
+    assert train.parse_args(words[words.index(str(HERE / "train.py")) + 1:]).epochs == 50

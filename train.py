@@ -719,6 +719,22 @@ def load_checkpoint(args):
     return ckpt, path
 
 
+def check_not_diverged(args):
+    """A run whose loss went non-finite (its log's last line says so) is not resumed: on the same
+    settings it repeats the divergence, or on a GPU's non-deterministic kernels sometimes not,
+    which would hide an unstable setting from a sweep's report."""
+    path = os.path.join(args.out, "log.jsonl")
+    try:
+        with open(path) as f:
+            marker = json.loads(f.read().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return
+    if isinstance(marker, dict) and "diverged" in marker:
+        raise RunError(f"the run in {args.out} diverged (loss {marker['diverged']} at step "
+                       f"{marker.get('step')}): resuming it would repeat that; to retry anyway, "
+                       f"delete the last line of {path}")
+
+
 def check_resume(run, ckpt, path):
     """Every rank must see the same checkpoint, and the epoch must have the same steps."""
     steps = all_gather(None if ckpt is None else ckpt["step"], run.world_size)
@@ -870,6 +886,7 @@ def build_run(args, rank, world_size, device):
         check_out(args)
         run.train_set, val_set, args.num_classes = build_datasets(args)
         if args.resume:
+            check_not_diverged(args)
             ckpt, path = load_checkpoint(args)
     except RunError as e:
         error = str(e)

@@ -28,14 +28,20 @@ class Parser(argparse.ArgumentParser):
 def read_jsonl(path):
     """The records of a .jsonl file; a torn last line (a run killed while writing) is ignored."""
     records = []
-    with open(path) as f:
-        lines = f.read().splitlines()
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ToolError(f"{path}: cannot read it ({e})") from None
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ToolError(f"{path}: line {i + 1} is not JSON") from None
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i < len(lines) - 1 or record is not None:
+            raise ToolError(f"{path}: line {i + 1} is not a JSON record")
     return records
 
 
@@ -53,7 +59,13 @@ def read_run(folder, need_log=True):
         log = None
     else:
         log = read_jsonl(log_path)
-    args = read_jsonl(args_path)[-1]["args"] if os.path.exists(args_path) else {}
+        if any(not isinstance(r.get("epoch"), int) for r in log):
+            raise ToolError(f"{log_path}: a record without its epoch: not train.py's log")
+    invocations = read_jsonl(args_path) if os.path.exists(args_path) else []
+    args = invocations[-1].get("args") if invocations else {}
+    if not isinstance(args, dict) or args and not {"model", "optimizer", "lr", "wd",
+                                                   "epochs"} <= args.keys():
+        raise ToolError(f"{args_path}: not train.py's arguments")
     return {"folder": folder, "args": args, "log": log}
 
 

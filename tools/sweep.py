@@ -117,10 +117,10 @@ def plan_runs(args):
             plan.append({"name": f"run-{i:0{width}d}", "model": args.model,
                          "optimizer": args.optimizer, "epochs": args.epochs, "lr": lr, "wd": wd})
     else:
-        for model in args.models:
-            for optimizer in args.optimizers:
+        for model in dict.fromkeys(args.models):  # each once, in the order given
+            for optimizer in dict.fromkeys(args.optimizers):
                 settings = grid_settings(args.settings, model, optimizer)
-                for epochs in args.epochs:
+                for epochs in dict.fromkeys(args.epochs):
                     plan.append({"name": f"{model}-{optimizer}-{epochs:03d}ep", "model": model,
                                  "optimizer": optimizer, "epochs": epochs, "lr": settings[0],
                                  "wd": settings[1]})
@@ -129,9 +129,16 @@ def plan_runs(args):
                                  run["wd"], os.path.join(args.out, run["name"]), args.data,
                                  args.extra)
         try:  # every command must be one train.py accepts, before any of them runs
-            train.parse_args(run["argv"])
+            parsed = vars(train.parse_args(run["argv"]))
         except train.RunError as e:
             raise ToolError(f"train.py refuses the arguments of {run['name']}: {e}") from None
+        planned = {"model": run["model"], "optimizer": run["optimizer"], "epochs": run["epochs"],
+                   "lr": run["lr"], "wd": run["wd"], "resume": "auto",
+                   "out": os.path.join(args.out, run["name"])}
+        changed = [k for k, v in planned.items() if parsed[k] != v]
+        if changed:  # e.g. an abbreviated --ep or --mod after --, which argparse accepts
+            raise ToolError(f"the flags after -- change what the sweep sets: "
+                            f"{', '.join('--' + k for k in changed)}")
     return plan
 
 
@@ -169,9 +176,11 @@ def write_plan(args, plan):
         if hasattr(args, k)},
         "runs": plan}
     path = os.path.join(args.out, "sweep.json")
-    if os.path.exists(path) and load_plan(args.out) != plan:
-        raise ToolError(f"{args.out} holds another sweep (its sweep.json lists other runs): "
-                        f"choose another --out, or repeat that sweep's own command")
+    keys = ("name", "model", "optimizer", "epochs", "lr", "wd")
+    if os.path.exists(path) and [[r[k] for k in keys] for r in load_plan(args.out)] != \
+            [[r[k] for k in keys] for r in plan]:
+        raise ToolError(f"{args.out} holds another sweep (its sweep.json plans other runs or "
+                        f"settings): choose another --out, or repeat that sweep's own command")
     try:
         os.makedirs(args.out, exist_ok=True)
         with open(path + ".tmp", "w") as f:
@@ -201,13 +210,13 @@ def run_status(run, record, launch):
     log = (record or {}).get("log") or []
     epochs = [r for r in log if "train_loss" in r]
     if log and "diverged" in log[-1]:
-        return "diverged", None, f"loss {log[-1]['diverged']} at step {log[-1]['step']}"
+        return "diverged", None, f"loss {log[-1]['diverged']} at step {log[-1].get('step')}"
     if epochs and epochs[-1]["epoch"] == run["epochs"]:
         final = epochs[-1]
         top1 = final.get("ema_top1", final.get("val_top1"))
         if top1 is not None:
             return "finished", 100 - top1, ""
-    if launch.get("exit", 0) != 0:
+    if launch.get("exit", 0) != 0 and not launch.get("signalled"):
         return "failed", None, f"exit {launch['exit']}"
     if record is None or (record["log"] is None and not record["args"]):
         return "not started", None, ""
@@ -228,9 +237,10 @@ def launch_local(args, plan):
 
     def forward(signum, frame):
         stop.append(signum)
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)  # train.py checkpoints on the first, aborts on a second
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        if child is not None and child.poll() is None:  # train.py checkpoints on the first
+            child.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+    # SIGHUP too (a closed terminal): the runs live in their own session, so must be told.
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     failed = []
     try:
         for i, run in enumerate(plan):
@@ -255,20 +265,22 @@ def launch_local(args, plan):
             seconds = time.time() - start
             with open(os.path.join(args.out, "launch.jsonl"), "a") as f:
                 f.write(json.dumps({"run": run["name"], "exit": code, "seconds": round(seconds, 1),
-                                    "ended": datetime.datetime.now().isoformat(
-                                        timespec="seconds")}) + "\n")
+                                    "signalled": bool(stop), "ended": datetime.datetime.now()
+                                    .isoformat(timespec="seconds")}) + "\n")
             status, error, detail, _ = read_status(run, folder, read_launches(args.out))
             if status == "failed":
                 failed.append(run["name"])
                 detail += f": {last_line(os.path.join(folder, 'output.log'))}"
+                if "in use by another train.py" in detail:  # an earlier sweep's run still lives
+                    raise ToolError(f"{run['name']}: {detail}")
             result = f", error {error:.2f}%" if error is not None else f" ({detail})"
             print(f"{head}: {status}{result} in {seconds:.0f} s", flush=True)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
     if stop:  # 128 + signal, as a process killed by it: a shell loop of sweeps stops too
-        print(f"stopped by {signal.Signals(stop[0]).name}: the run under way saved a checkpoint; "
-              f"the same command goes on from there")
+        print(f"stopped by {signal.Signals(stop[0]).name}: the run under way saved a checkpoint "
+              f"if it had begun training; the same command goes on from there")
         return 128 + stop[0]
     if failed:
         print(f"sweep.py: {len(failed)} runs failed ({', '.join(failed)}): see their output.log; "
@@ -285,26 +297,35 @@ def last_line(path):
 
 
 def write_slurm(args, plan):
-    """SWEEP/sweep.sbatch: a job array, one task per line of SWEEP/commands.txt."""
+    """SWEEP/sweep.sbatch: a job array with a task for each run that still needs work (neither
+    finished nor diverged), its command written into the script itself."""
+    launches = read_launches(args.out)
+    todo = [i for i, run in enumerate(plan) if read_status(
+        run, os.path.join(args.out, run["name"]), launches)[0] not in ("finished", "diverged")]
     path = os.path.join(args.out, "sweep.sbatch")
-    commands = os.path.abspath(os.path.join(args.out, "commands.txt"))
-    cpus = args.gpus * args.cpus_per_gpu
+    if not todo:
+        print(f"# every run is finished or diverged: {path} not written")
+        return None
+    commands = [shlex.quote(shlex.join(launcher(args.gpus, here=True) + run["argv"]))
+                for run in plan]
     lines = ["#!/bin/bash",
-             "# Written by tools/sweep.py: one array task per run, the run's command being line",
-             "# TASK_ID + 1 of commands.txt. Submit with `sbatch` (add --partition, --time, ...",
-             "# there or below). Submitting again resumes unfinished runs from their checkpoints;",
-             "# finished ones exit at once. train.py checkpoints on SIGTERM: --signal asks Slurm",
-             "# for one 120 s before the time limit.",
+             "# Written by tools/sweep.py: one array task per run that still needed work when it",
+             "# was written. Submit with `sbatch` (add --partition, --time, ... there or below).",
+             "# To go on after a time limit or a failure, run the same sweep.py command again:",
+             "# it writes this script anew for the runs still to do, which resume from their",
+             "# checkpoints. train.py checkpoints on SIGTERM: --signal asks Slurm for one 120 s",
+             "# before the time limit.",
              f"#SBATCH --job-name=sweep-{os.path.basename(os.path.normpath(args.out))}",
-             f"#SBATCH --array=0-{len(plan) - 1}",
+             f"#SBATCH --array={','.join(map(str, todo))}",
              "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --gpus-per-node={args.gpus}", f"#SBATCH --cpus-per-task={cpus}",
+             f"#SBATCH --gpus-per-node={args.gpus}",
+             f"#SBATCH --cpus-per-task={args.gpus * args.cpus_per_gpu}",
              f"#SBATCH --output={os.path.abspath(args.out)}/slurm-%A_%a.out",
              "#SBATCH --open-mode=append", "#SBATCH --signal=B:TERM@120",
              *(f"#SBATCH {a}" for a in args.sbatch),
              "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
-             f'command=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands)})',
-             'eval "exec $command"', ""]
+             "commands=(", *commands, ")",
+             'eval "exec ${commands[$SLURM_ARRAY_TASK_ID]}"', ""]
     try:
         with open(path, "w") as f:
             f.write("\n".join(lines))
@@ -314,7 +335,7 @@ def write_slurm(args, plan):
 
 
 def plan_command(args):
-    if args.data and args.data != "fake" and not os.path.isdir(args.data):
+    if args.launch == "local" and args.data not in (None, "fake") and not os.path.isdir(args.data):
         raise ToolError(f"--data {args.data}: no such folder")
     plan = plan_runs(args)
     write_plan(args, plan)
@@ -327,7 +348,9 @@ def plan_command(args):
     if args.launch == "local":
         return launch_local(args, plan)
     if args.launch == "slurm":
-        print(f"# submit with: sbatch {write_slurm(args, plan)}")
+        script = write_slurm(args, plan)
+        if script:
+            print(f"# submit with: sbatch {shlex.quote(script)}")
     return 0
 
 
@@ -430,15 +453,18 @@ def print_tables(runs):
             f"{'-':>8} {'-':>7}"
         print(f"{key[0]:<10} {key[1]:<9} {key[2]:>6} {len(table[key]):>5} {len(errors):>8} "
               + cells)
-    pairs = sorted({(m, o) for m, o, _ in best})
-    lengths = {p: sorted(e for m, o, e in best if (m, o) == p) for p in pairs}
+    pairs = sorted({(m, o) for m, o, _ in table})
+    lengths = {p: sorted(e for m, o, e in table if (m, o) == p) for p in pairs}
     rows = [(p, e) for p, e in lengths.items() if len(e) > 1]
     if rows:
         print("\ntraining length (section 5.1, Figure 2): best error minus that of the longest "
               "schedule")
         for (m, o), epochs in rows:
-            print(f"  {m:<10} {o:<6} " + "  ".join(
-                f"{e} ep: {best[m, o, e] - best[m, o, epochs[-1]]:+.2f}" for e in epochs[:-1]))
+            ref = best.get((m, o, epochs[-1]))
+            cells = [f"{e} ep: {best[m, o, e] - ref:+.2f}" if ref is not None and (m, o, e) in best
+                     else f"{e} ep: -" for e in epochs[:-1]]
+            print(f"  {m:<10} {o:<6} " + "  ".join(cells) + (
+                "" if ref is not None else f"  (no finished {epochs[-1]}-epoch run to compare)"))
     gaps = sorted((m, e) for m, o, e in best if o == "sgd" and (m, "adamw", e) in best)
     if gaps:
         print("\noptimizer (section 5.2, Figure 3): SGD error minus AdamW error")
@@ -551,6 +577,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if extra and args.command == "report":
         raise ToolError("report takes no train.py flags")
+    if args.command == "report" and not (all(0 <= x < math.inf for x in args.thresholds)
+                                         and 0 < args.edf_xmax < math.inf):
+        raise ToolError("--thresholds must be >= 0 and --edf-xmax > 0, all finite")
     for name in ("lr_range", "wd_range"):
         low, high = getattr(args, name, None) or (1, 1)
         if not 0 < low <= high:
