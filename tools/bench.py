@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import vitc  # after the path: the repository root, wherever this script is run from
+import train  # after the path: the repository root, wherever this script is run from
+import vitc
 
 
 def torchvision_twin(name, img_size=224, num_classes=1000):
@@ -169,7 +170,6 @@ def make_jpegs(root, count, classes=8, seed=0):
 def open_images(args):
     """train.py's train set on --loader DIR (or DIR/train): train.ImageFiles with the train
     transforms train.py builds from its own defaults at --img-size."""
-    import train  # here, not at the top: the training-step benchmark does not need train.py
     folder = os.path.join(args.loader, "train")
     folder = folder if os.path.isdir(folder) else args.loader
     try:
@@ -331,14 +331,9 @@ def bench_loader(args):
               f"{min(1.0, loader[most] / rate):>5.0%}  {source}")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)": such helps say the default
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=train.HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vitp_1gf", "vitc_1gf"],
                         choices=list(vitc.VARIANTS), metavar="NAME",
                         help=f"any of {', '.join(vitc.VARIANTS)}")

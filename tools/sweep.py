@@ -42,6 +42,7 @@ from plot import (  # noqa: E402
 
 import train  # noqa: E402
 import vitc  # noqa: E402
+from bench import PAPER_EPOCH_MINUTES  # noqa: E402  (Table 1's minutes per epoch, 8 V100s)
 
 TRAIN_PY = os.path.join(os.path.dirname(HERE), "train.py")
 
@@ -53,9 +54,6 @@ STABILITY = {"adamw": {"vitp_1gf": (2.0e-3, 0.20), "vitp_4gf": (2.0e-3, 0.20),
                        "vitp_18gf": (1.0e-3, 0.24), "vitc_1gf": (2.5e-3, 0.19),
                        "vitc_4gf": (1.0e-3, 0.24), "vitc_18gf": (1.0e-3, 0.24)},
              "sgd": train.SGD}
-# Table 1: minutes per ImageNet-1k epoch on 8 V100 GPUs, for the cost estimates.
-EPOCH_MINUTES = {"vitp_1gf": 2.6, "vitp_4gf": 3.8, "vitp_18gf": 11.5, "vitp_36gf": 18.8,
-                 "vitc_1gf": 2.7, "vitc_4gf": 3.9, "vitc_18gf": 11.4, "vitc_36gf": 18.6}
 SET_BY_SWEEP = ("--model", "--stem", "--size", "--optimizer", "--lr", "--wd", "--epochs",
                 "--out", "--resume", "--data")
 THRESHOLDS = (0.5, 1, 2, 4, 8)  # top-1 error points, for the printed EDF
@@ -194,7 +192,7 @@ def write_plan(args, plan):
 
 def gpu_hours(plan):
     """V100 GPU-hours of a plan at the paper's epoch times (Table 1, 8 V100s)."""
-    return sum(EPOCH_MINUTES[r["model"]] * r["epochs"] * 8 / 60 for r in plan)
+    return sum(PAPER_EPOCH_MINUTES[r["model"]] * r["epochs"] * 8 / 60 for r in plan)
 
 
 def read_status(run, folder, launches):
@@ -535,7 +533,7 @@ def parse_args(argv):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = Parser(description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=train.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sample = sub.add_parser("sample", help="lr/wd drawn log-uniformly from Table 4's ranges")
     sample.add_argument("--model", type=model_name, required=True)

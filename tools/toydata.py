@@ -65,10 +65,12 @@ def main():
     p.add_argument("--size", type=int, default=40, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if os.path.exists(args.root):
-        p.error(f"{args.root} exists: choose a new folder")
-    if min(args.train, args.val) < 1 or args.size < 8:
-        p.error("--train and --val must be at least 1 and --size at least 8")
+    error = (f"{args.root} exists: choose a new folder" if os.path.exists(args.root) else
+             "--train and --val must be at least 1 and --size at least 8"
+             if min(args.train, args.val) < 1 or args.size < 8 else None)
+    if error:  # one line and exit status 2, like the other tools' bad input
+        print(f"toydata.py: error: {error}", file=sys.stderr)
+        return 2
     make(args.root, args.train, args.val, args.size, args.seed)
     print(f"wrote {args.root}: {4 * args.train} train and {4 * args.val} val images, "
           f"{args.size}x{args.size}, 4 classes")
