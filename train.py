@@ -1,28 +1,18 @@
 """Train ViT_P / ViT_C with the recipe of "Early Convolutions Help Transformers See Better".
 
-One file runs on one device or under torchrun (DDP: NCCL on GPUs, gloo on the CPU):
-
-    python train.py --data fake --img-size 64 --batch-size 64 --epochs 2 --warmup-epochs 1  # CPU
     python train.py --stem conv --size 4gf --data /imagenet                        # one GPU
     torchrun --nproc_per_node=8 train.py --stem conv --size 4gf --data /imagenet   # 8 GPUs
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
-        --rdzv-id=vitc train.py --stem conv --size 18gf --data /imagenet \\
-        --out /shared/runs/vitc_18gf --resume auto                                 # on each node
+    python train.py --data fake --img-size 64 --batch-size 64 --epochs 2 --warmup-epochs 1  # CPU
 
---data DIR names a folder with train/ and val/ in ImageFolder layout (or set IMAGENET=DIR);
---data fake uses random images and learns nothing: it only exercises the pipeline. The defaults
-are the paper's peak runs (section 6) with the official trainer's details (pycls, branch
-vitconfigs): 400 epochs at global batch 2048, AdamW, 5 warmup epochs, cosine; AutoAugment "v0",
-PCA lighting, mixup/CutMix, label smoothing; an EMA of the weights; precise BatchNorm statistics
-before every evaluation. Each run writes to a new folder runs/MODEL-DATE-TIME unless --out is
-given: args.jsonl (a line per invocation: arguments and what the run resolved them to), log.jsonl
-(a line per epoch), checkpoint.pt and best.pt. --out DIR --resume auto continues a run;
-SIGTERM/SIGINT checkpoint and exit cleanly.
-
-Measured so far (2-core CPU): the README's quick start (ViT_C-1GF at 224 px, two epochs of 640
-fake images) takes about a minute, and a test trains ViT_C-1GF and ViT_P-1GF to far above chance
-on generated images. No ImageNet run has been made with this script yet, so it does not yet claim
-the paper's accuracies.
+The defaults are the paper's peak runs (section 6) with the official trainer's details (pycls,
+branch vitconfigs); the README's recipe table says where each setting comes from, and the conv
+stem itself is vitc.ConvStem. Read top-down: RECIPE (every constant), the arguments, main() (the
+run in outline), train_one_epoch() (the step), then the recipe's pieces: data, AutoAugment v0,
+lighting, mixup/CutMix, EMA, precise BN, evaluation. Below the "Machinery" banner is what keeps a
+long run safe and changes nothing that is learned: checkpoints and exact resume, ranks agreeing,
+run folders, signals, unreadable files, one-line errors. A run writes runs/MODEL-DATE-TIME (or
+--out DIR): args.jsonl, log.jsonl, checkpoint.pt, best.pt; --out DIR --resume auto continues it.
+Measured so far on CPUs only: no ImageNet run has been made with this file yet.
 """
 
 import argparse
@@ -30,12 +20,14 @@ import contextlib
 import copy
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
 import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from itertools import islice
@@ -57,92 +49,127 @@ from tqdm import tqdm
 
 import vitc
 
-# Learning rates are quoted at global batch 2048 and scale linearly with it (section 5.4).
+# ================================================================================================
+# RECIPE: every constant of the paper's training (section 6 and the appendix), with the official
+# trainer's details (pycls, branch vitconfigs). The flags below default to these.
+# ================================================================================================
+
+# Optimisation: global batch 2048 (the learning rates are quoted at it and scale linearly with
+# the batch, section 5.4), 400 epochs, 5 of linear warmup from 0.1 x lr, then a half-period cosine
+# ending at 0.005 x lr (official WARMUP_FACTOR and MIN_LR), stepped every iteration here.
+BATCH_SIZE, EPOCHS, WARMUP_EPOCHS = 2048, 400, 5
+WARMUP_START, COSINE_FLOOR = 0.1, 0.005  # fractions of the peak lr
 # AdamW: the peak runs of section 6, "1.0e-3/0.24 ... except for the 36GF models", for which the
 # paper found 6.0e-4/0.28 "to be more effective" (the official configs/vitconv_baselines/vit/
-# ViT-{P,C}-36GF_adamw_32gpus.yaml say 7e-4 / 0.24). SGD: the per-model values tuned at 50 epochs
-# (Table 4); the paper gives none for 36GF.
+# ViT-{P,C}-36GF_adamw_32gpus.yaml say 7e-4 / 0.24). SGD (Nesterov momentum 0.9): the per-model
+# values tuned at 50 epochs (Table 4); the paper gives none for 36GF.
 ADAMW = {"1gf": (1e-3, 0.24), "4gf": (1e-3, 0.24), "18gf": (1e-3, 0.24), "36gf": (6e-4, 0.28)}
 SGD = {"vitp_1gf": (1.9, 1.3e-5), "vitp_4gf": (1.9, 1.3e-5), "vitp_18gf": (1.1, 1.2e-5),
        "vitc_1gf": (1.9, 1.3e-5), "vitc_4gf": (1.3, 2.2e-5), "vitc_18gf": (1.1, 2.7e-5)}
+
+# Data: random resized crop and flip, then AutoAugment (the "v0" policy, below); test images are
+# resized to 256 and centre-cropped to 224 (both scaled with --img-size).
+CROP_SCALE = (0.08, 1.0)
+EVAL_RESIZE = 256 / 224
+AUTOAUGMENT = "v0"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# PCA lighting (AlexNet): eigenvalues and eigenvectors (columns) of the covariance of ImageNet's
-# RGB pixels in [0, 1], as in fb.resnet.torch and the official pycls/datasets/imagenet.py.
+# PCA lighting (AlexNet), added in [0, 1] RGB space before normalisation: eigenvalues and
+# eigenvectors (columns) of ImageNet's pixel covariance, as the official pycls/datasets/imagenet.py.
+LIGHTING_STD = 0.1
 EIGVAL = (0.2175, 0.0188, 0.0045)
 EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
+# Regularisation: one of mixup (alpha 0.8) or CutMix (alpha 1.0) per batch, mixup with
+# probability MIXUP_CHOICE, drawn once per global batch; label smoothing 0.1 on the mixed targets.
+MIXUP_ALPHA, CUTMIX_ALPHA, MIXUP_CHOICE = 0.8, 1.0, 0.5
+LABEL_SMOOTHING = 0.1
 
-class RunError(Exception):
-    """Bad input or a run that cannot go on: reported as one line, exit status 2."""
+# EMA of the weights and BatchNorm buffers, evaluated instead of the weights: every EMA_PERIOD
+# steps, ema <- (1 - a) ema + a w with a = EMA_ALPHA x global batch x EMA_PERIOD / epochs (so its
+# horizon is about fixed in epochs); during warmup it copies the weights (official code).
+EMA_PERIOD, EMA_ALPHA = 32, 1e-5
+
+# Precise BatchNorm: before every evaluation, BN statistics recomputed from this many train
+# images (train transforms, no mixup/CutMix), averaged over ranks. Only ViT_C has BatchNorm.
+PRECISE_BN_IMAGES = 8192
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)": such helps say the default
-        return action.help if action.default is None else super()._get_help_string(action)
+def paper_lr_wd(model, optimizer):
+    """The paper's (lr at batch 2048, weight decay) for a model and optimizer, or None."""
+    if optimizer == "adamw":
+        return ADAMW[model.split("_")[1]]  # by size: 36GF's differ, not the stems'
+    return SGD.get(model)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error
-        raise RunError(message)
+# ------------------------------------------------------------------------------------------------
+# Arguments: the recipe (defaults above) and how this run runs (nothing that changes what is
+# learned, except --seed and --accum-steps, which change the BatchNorm batch of a micro-step)
+# ------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv):
+    """The arguments, with the model's paper lr/wd filled in and every number checked."""
     p = Parser(description="Train the paper's ViT_P / ViT_C (see the module docstring).",
                formatter_class=HelpFormatter)
-    p.add_argument("--data", default=os.environ.get("IMAGENET"),
-                   help="folder with train/ and val/ (default: $IMAGENET), or 'fake' for random "
-                        "images that learn nothing (a smoke test of the pipeline)")
-    p.add_argument("--out", help="run folder (default: a new runs/MODEL-DATE-TIME)")
-    p.add_argument("--stem", choices=["patch", "conv"], default="conv",
+    r = p.add_argument_group("recipe", "the paper's training; the defaults are its peak runs")
+    r.add_argument("--stem", choices=["patch", "conv"], default="conv",
                    help="patch: ViT_P, conv: ViT_C")
-    p.add_argument("--size", choices=["1gf", "4gf", "18gf", "36gf"], default="1gf",
+    r.add_argument("--size", choices=["1gf", "4gf", "18gf", "36gf"], default="1gf",
                    help="model complexity (Table 1)")
-    p.add_argument("--model", help="a paper variant by name, e.g. vitc_4gf (overrides stem/size)")
-    p.add_argument("--img-size", type=int, default=224, help="train/test resolution")
-    p.add_argument("--batch-size", type=int, default=2048, help="global batch, all ranks")
-    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--epochs", type=int, default=400, help="training epochs")
-    p.add_argument("--warmup-epochs", type=float, default=5, help="linear lr warmup epochs")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+    r.add_argument("--model", help="a paper variant by name, e.g. vitc_4gf (overrides stem/size)")
+    r.add_argument("--img-size", type=int, default=224, help="train/test resolution")
+    r.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="global batch, all ranks")
+    r.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs")
+    r.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS,
+                   help="linear lr warmup epochs")
+    r.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="AdamW, or SGD with Nesterov momentum 0.9")
-    p.add_argument("--lr", type=float, help="peak lr at batch 2048 (default: the paper's)")
-    p.add_argument("--wd", type=float, help="weight decay (default: the paper's)")
-    p.add_argument("--autoaugment", choices=["v0", "imagenet", "none"], default="v0",
+    r.add_argument("--lr", type=float, help="peak lr at batch 2048 (default: the paper's)")
+    r.add_argument("--wd", type=float, help="weight decay (default: the paper's)")
+    r.add_argument("--autoaugment", choices=["v0", "imagenet", "none"], default=AUTOAUGMENT,
                    help="v0: the official code's policy; imagenet: torchvision's ImageNet policy")
-    p.add_argument("--lighting", type=float, default=0.1, help="PCA lighting noise std, 0 = off")
-    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0 = off")
-    p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha, 0 = off")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing epsilon")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+    r.add_argument("--lighting", type=float, default=LIGHTING_STD,
+                   help="PCA lighting noise std, 0 = off")
+    r.add_argument("--mixup", type=float, default=MIXUP_ALPHA, help="mixup alpha, 0 = off")
+    r.add_argument("--cutmix", type=float, default=CUTMIX_ALPHA, help="CutMix alpha, 0 = off")
+    r.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
+                   help="label smoothing epsilon")
+    r.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep and evaluate an EMA of the weights")
-    p.add_argument("--ema-period", type=int, default=32, help="update the EMA every N steps")
-    p.add_argument("--ema-alpha", type=float, default=1e-5, help="official EMA_ALPHA")
-    p.add_argument("--precise-bn", type=int, default=8192, metavar="N",
+    r.add_argument("--ema-period", type=int, default=EMA_PERIOD,
+                   help="update the EMA every N steps")
+    r.add_argument("--ema-alpha", type=float, default=EMA_ALPHA, help="official EMA_ALPHA")
+    r.add_argument("--precise-bn", type=int, default=PRECISE_BN_IMAGES, metavar="N",
                    help="recompute BatchNorm statistics from N train images before every "
                         "evaluation, 0 = off (no effect on ViT_P, which has no BatchNorm)")
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
-    p.add_argument("--train-precision", choices=["bf16", "fp32"],
+    r.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    g = p.add_argument_group("run", "where and how this run runs")
+    g.add_argument("--data", default=os.environ.get("IMAGENET"),
+                   help="folder with train/ and val/ (default: $IMAGENET), or 'fake' for random "
+                        "images that learn nothing (a smoke test of the pipeline)")
+    g.add_argument("--out", help="run folder (default: a new runs/MODEL-DATE-TIME)")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    g.add_argument("--train-precision", choices=["bf16", "fp32"],
                    help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--eval-precision", choices=["bf16", "fp32"], default="fp32",
+    g.add_argument("--eval-precision", choices=["bf16", "fp32"], default="fp32",
                    help="fp32 as the official code, or bf16 autocast (faster on GPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--workers", type=int, help="data loader processes per rank "
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--workers", type=int, help="data loader processes per rank "
                    "(default: the CPU cores per local rank, at most 8)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+    g.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="stop when more than this fraction of a global batch or of an epoch's "
                         "images is unreadable (unreadable train images are replaced)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    p.add_argument("--resume", help="checkpoint to continue from, or 'auto': "
+    g.add_argument("--resume", help="checkpoint to continue from, or 'auto': "
                    "OUT/checkpoint.pt if there is one (needs --out)")
-    p.add_argument("--stop-after", type=int, help="train at most N epochs in this invocation, "
+    g.add_argument("--stop-after", type=int, help="train at most N epochs in this invocation, "
                    "then checkpoint and exit (for job time limits; continue with --resume auto)")
-    p.add_argument("--fake-size", type=int, default=2048, help="--data fake: train images")
+    g.add_argument("--fake-size", type=int, default=2048, help="--data fake: train images")
     args = p.parse_args(argv)
     args.model = args.model or f"vit{args.stem[0]}_{args.size}"
     if args.model not in vitc.VARIANTS:
         raise RunError(f"unknown model {args.model!r}; valid: {', '.join(vitc.VARIANTS)}")
-    size = args.model.split("_")[1]
-    default = ADAMW[size] if args.optimizer == "adamw" else SGD.get(args.model)
+    default = paper_lr_wd(args.model, args.optimizer)
     if default is None and (args.lr is None or args.wd is None):
         raise RunError(f"the paper gives no SGD settings for {args.model}: pass --lr and --wd")
     args.lr = default[0] if args.lr is None else args.lr
@@ -155,110 +182,139 @@ def parse_args(argv):
     return args
 
 
-def check_numbers(args):
-    """Every number the run depends on, checked before anything starts."""
-    checks = {
-        "--img-size must be a positive multiple of 16":
-            args.img_size >= 16 and args.img_size % 16 == 0,
-        "--epochs, --batch-size and --accum-steps must be at least 1":
-            min(args.epochs, args.batch_size, args.accum_steps) >= 1,
-        "need 0 <= --warmup-epochs < --epochs": 0 <= args.warmup_epochs < args.epochs,
-        "need a finite --lr > 0 and --wd >= 0":
-            args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd),
-        "--mixup, --cutmix and --lighting must be finite and >= 0 (0 = off)":
-            all(math.isfinite(a) and a >= 0 for a in (args.mixup, args.cutmix, args.lighting)),
-        "--ema-alpha must be finite and > 0": math.isfinite(args.ema_alpha) and args.ema_alpha > 0,
-        "--label-smoothing must be in [0, 1)": 0 <= args.label_smoothing < 1,
-        "--max-bad-fraction must be in [0, 1]": 0 <= args.max_bad_fraction <= 1,
-        "--ema-period, --eval-every and --fake-size must be at least 1":
-            min(args.ema_period, args.eval_every, args.fake_size) >= 1,
-        "--workers and --precise-bn must be >= 0":
-            (args.workers is None or args.workers >= 0) and args.precise_bn >= 0,
-        "--stop-after must be at least 1": args.stop_after is None or args.stop_after >= 1,
-    }
-    for message, ok in checks.items():
-        if not ok:
-            raise RunError(message)
-
-
 # ------------------------------------------------------------------------------------------------
-# Distributed set-up
+# The run, in outline
 # ------------------------------------------------------------------------------------------------
 
 
-def setup_distributed():
-    """(rank, world_size, device). Under torchrun one process per GPU (NCCL) or CPU rank (gloo)."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return dist.get_rank(), dist.get_world_size(), device
+def main(argv=None):
+    """The whole run: set up, build (or resume), then per epoch train, evaluate, checkpoint, log.
+    Returns the exit status: 0 when the run finished, or stopped cleanly to be continued."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    with distributed() as (rank, world_size, device):  # torchrun's ranks, or one process
+        with run_folder(args, rank, world_size):  # args.out: a new folder unless one was given
+            run = build_run(args, rank, world_size, device)  # data, model, optimizer; resumed
+        with started(run, argv):  # signals caught, folder locked, invocation in args.jsonl
+            first_epoch = run.epoch
+            for epoch in range(run.epoch, args.epochs):
+                train_one_epoch(run, epoch)
+                if run.stopped and run.step < (epoch + 1) * run.steps_per_epoch:  # mid-epoch
+                    save_checkpoint(run)  # with the epoch's figures so far
+                    return report_stop(run)
+                run.epoch = epoch + 1
+                record = {"epoch": run.epoch, "step": run.step, "lr": run.lr,
+                          "train_loss": run.progress["loss_sum"] / run.progress["steps"]}
+                if run.epoch % args.eval_every == 0 or run.epoch == args.epochs:
+                    evaluate_epoch(run, record)  # precise BN, then the model and its EMA
+                end_epoch(run, record)  # checkpoint, then the record into log.jsonl
+                if any_rank(run.stop_signal is not None, run):  # on the last step, or in eval
+                    return report_stop(run)
+                if args.stop_after and run.epoch - first_epoch >= args.stop_after \
+                        and run.epoch < args.epochs:
+                    return report_stop(run, f"stopped after {args.stop_after} epochs as asked "
+                                            f"(--stop-after)")
+            report_done(run, nothing_to_do=first_epoch == args.epochs)
+    return 0
 
 
-def all_sum(tensor, world_size):
-    if world_size > 1:
-        dist.all_reduce(tensor)
-    return tensor
+# ------------------------------------------------------------------------------------------------
+# The training step
+# ------------------------------------------------------------------------------------------------
 
 
-def all_gather(obj, world_size):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
-    if world_size == 1:
-        return [obj]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def agree(error, world_size):
-    """Raises RunError on every rank if any rank had one (`error`: its message, or None), so that
-    a problem seen by one rank (a file missing on one node, a full disk on rank 0) stops all of
-    them with the same line instead of leaving the others blocked in a collective."""
-    for rank, message in enumerate(all_gather(error, world_size)):
-        if message is not None:
-            raise RunError(message if rank == 0 else f"[rank {rank}] {message}")
-
-
-def on_rank_0(run, write):
-    """Runs write() on rank 0 only; a RunError there (e.g. a full disk) stops every rank."""
-    error = None
-    if run.rank == 0:
-        try:
-            write()
-        except RunError as e:
-            error = str(e)
-    agree(error, run.world_size)
-
-
-def resolve_out(args, rank, world_size):
-    """A new folder runs/MODEL-DATE-TIME unless --out was given; rank 0 picks it for all ranks."""
-    if args.out:
-        return args.out
-    out, error = None, None
-    if rank == 0:  # claimed by creating it: two runs started in the same second get two folders
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = os.path.join("runs", f"{args.model}-{stamp}")
-        for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
-            try:
-                os.makedirs(out)
+def train_one_epoch(run, epoch):
+    """One pass over this rank's shard of the train set (from where a resumed run left off):
+    the step, written out. The Monitor reads the loss, the unreadable images and the stop
+    signals of all ranks every CHECK_EVERY steps and at the epoch's end, not at every step."""
+    args, device = run.args, run.device
+    first = min(max(run.step - epoch * run.steps_per_epoch, 0), run.steps_per_epoch)
+    batches = train_batches(run, epoch, skip=first * args.accum_steps)
+    amp = args.train_precision == "bf16"
+    with Monitor(run, epoch, first) as monitor:  # progress bar, checks, the epoch's figures
+        for _ in range(first, run.steps_per_epoch):
+            step_loss = torch.zeros((), device=device)
+            for micro_step in range(args.accum_steps):  # --accum-steps micro-batches a step
+                images, labels, bad = next(batches)  # uint8; unreadable files named in `bad`
+                monitor.count_unreadable(bad, labels)
+                images, labels = to_device(images, labels, device, args.lighting)  # lighting
+                images, targets = run.mix(images, labels) if run.mix else (images, labels)
+                last = micro_step == args.accum_steps - 1 or run.world_size == 1
+                with contextlib.nullcontext() if last else run.train_model.no_sync():
+                    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                        logits = run.train_model(images)
+                    # Label smoothing here and only here, also on mixed (soft) targets.
+                    loss = F.cross_entropy(logits.float(), targets,
+                                           label_smoothing=args.label_smoothing) / args.accum_steps
+                    loss.backward()  # DDP averages the gradients over ranks on the last
+                step_loss += loss.detach()  # stays on the device: no wait for the GPU here
+            run.optimizer.step()
+            run.lr = run.scheduler.get_last_lr()[0]  # the lr this step used
+            run.scheduler.step()  # per step: linear warmup, then cosine
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            update_ema(run, epoch)
+            if monitor.after_step(step_loss):  # any rank asked to stop (checked every N steps)
+                run.stopped = True
                 break
-            except FileExistsError:
-                continue
-            except OSError as e:
-                error = f"cannot create the run folder {out} ({e.strerror})"
-                break
-    agree(error, world_size)
-    return all_gather(out, world_size)[0]
 
 
-def resolve_precision(args, device):
-    """bf16 autocast for training on CUDA, fp32 on the CPU, unless asked otherwise."""
-    if args.train_precision is None:
+# ------------------------------------------------------------------------------------------------
+# The run's parts: data, model, EMA, optimizer and schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def build_run(args, rank, world_size, device):
+    """Data, model, EMA, optimizer and schedule, restored from a checkpoint when resuming. The
+    data and the checkpoint are checked here, on every rank, before any training."""
+    if args.batch_size % (world_size * args.accum_steps):
+        raise RunError(f"--batch-size {args.batch_size} is not divisible by world size "
+                       f"{world_size} x --accum-steps {args.accum_steps}")
+    if args.train_precision is None:  # bf16 autocast on CUDA, fp32 on the CPU
         args.train_precision = "bf16" if device.type == "cuda" else "fp32"
+    run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
+                             stop_signal=None, stopped=False, lr=None, progress=new_progress(),
+                             lock=None)
+    run.train_set, val_set, ckpt, path = checked_inputs(args, world_size)
+    run.micro_batch = args.batch_size // (world_size * args.accum_steps)
+    # Train: equal shards per rank, no padding, the last partial batch dropped (BN and mixup need
+    # full batches). Workers restart every epoch, seeded from the checkpointed RNG.
+    run.sampler = DistributedSampler(run.train_set, world_size, rank, seed=args.seed,
+                                     drop_last=True)
+    run.steps_per_epoch = len(run.sampler) // (run.micro_batch * args.accum_steps)
+    if run.steps_per_epoch == 0:
+        raise RunError(f"the train set has {len(run.train_set)} images, fewer than one global "
+                       f"batch of {args.batch_size}")
+    run.workers = args.workers if args.workers is not None else min(
+        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    # Val: rank r takes images r, r + W, ...: each image exactly once, shards may differ by one.
+    run.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)),
+                                min(run.micro_batch, 256), num_workers=run.workers,
+                                pin_memory=device.type == "cuda",
+                                generator=torch.Generator())  # not the training's RNG
+    check_resume(run, ckpt, path)
+
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    run.model = vitc.create_model(args.model, args.num_classes, args.img_size).to(device)
+    run.ema = copy.deepcopy(run.model).eval().requires_grad_(False) if args.ema else None
+    run.peak_lr = vitc.scale_lr(args.lr, args.batch_size)  # lrs are quoted at batch 2048
+    run.optimizer = vitc.make_optimizer(run.model, args.optimizer, run.peak_lr, args.wd)
+    total = args.epochs * run.steps_per_epoch
+    warmup = min(round(args.warmup_epochs * run.steps_per_epoch), total - 1)
+    run.scheduler = vitc.make_scheduler(run.optimizer, total, warmup, WARMUP_START, COSINE_FLOOR)
+    run.mix = build_mix(args, args.num_classes)
+    run.epoch, run.step, run.best = 0, 0, (-1.0, 0)
+    torch.manual_seed(args.seed + 1 + rank)  # augmentation differs across ranks
+    random.seed(args.seed + 1 + rank)
+    if ckpt is not None:
+        restore(run, ckpt)
+    # What the step calls: run.model itself, or run.model compiled and/or wrapped in DDP (which
+    # averages the gradients over ranks). Checkpoints, the EMA and evaluation use run.model.
+    run.train_model = torch.compile(run.model) if args.compile else run.model
+    if world_size > 1:
+        run.train_model = DistributedDataParallel(
+            run.train_model, device_ids=[device] if device.type == "cuda" else None)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,48 +417,15 @@ class AutoAugmentV0(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class ImageFiles(datasets.ImageFolder):
-    """ImageFolder whose items are (image, label, unreadable) and that survives bad files.
-
-    `unreadable` names the item's own file with the reason if it could not be decoded ("" if it
-    could). In the train set such a file is replaced by the next readable one (a file skipped on
-    the way is reported when its own index comes); in the val set, and after 64 unreadable files
-    in a row, the item is a blank image with label -1."""
-
-    def __init__(self, root, transform, replace, blank_size):
-        super().__init__(root, transform)
-        self.replace, self.blank_size = replace, blank_size
-
-    def __getitem__(self, index):
-        own = ""  # this item's file, if unreadable, with the reason
-        for i in range(index, index + (64 if self.replace else 1)):
-            path, label = self.samples[i % len(self.samples)]
-            try:
-                image = self.loader(path)  # PIL: decode and convert to RGB
-            except Exception as e:  # truncated, empty, not an image, unreadable...
-                reason = str(e).splitlines()[0] if str(e) else ""
-                own = own or f"{path} ({type(e).__name__}: {reason})"
-                continue
-            return self.transform(image), label, own
-        blank = Image.new("RGB", (self.blank_size, self.blank_size))
-        return self.transform(blank), -1, own
-
-
-class FakeImages(datasets.FakeData):
-    def __getitem__(self, index):
-        image, label = super().__getitem__(index)
-        return image, label, ""
-
-
 def eval_resize(img_size):
-    return round(img_size * 256 / 224)  # test: resize 256, centre crop 224, scaled
+    return round(img_size * EVAL_RESIZE)  # test: resize 256, centre crop 224, scaled
 
 
 def build_transforms(args):
     """Train: random resized crop, flip, AutoAugment; test: resize 256, centre crop 224 (scaled
     with --img-size). Both end in uint8 tensors."""
     size, resize = args.img_size, eval_resize(args.img_size)
-    train = [T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+    train = [T.RandomResizedCrop(size, scale=CROP_SCALE), T.RandomHorizontalFlip(),
              T.PILToTensor()]
     if args.autoaugment == "v0":
         train.append(AutoAugmentV0())
@@ -412,7 +435,8 @@ def build_transforms(args):
 
 
 def build_datasets(args):
-    """(train set, val set, number of classes); FakeData mimics ImageNet's 1000 classes."""
+    """(train set, val set, number of classes); FakeData mimics ImageNet's 1000 classes. Image
+    folders are read by ImageFiles, which survives unreadable files (below the banner)."""
     train_tf, val_tf = build_transforms(args)
     if args.data == "fake":
         resize = eval_resize(args.img_size)
@@ -449,28 +473,6 @@ def train_batches(run, epoch, skip):
     return iter(loader)
 
 
-class SkipSampler(torch.utils.data.Sampler):
-    """The wrapped sampler without its first `skip` indices."""
-
-    def __init__(self, sampler, skip):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        return islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
-
-
-def unreadable_files(run, bad):
-    """Warns about each unreadable file in a batch's `bad` strings; returns how many there were."""
-    files = [entry for entry in bad if entry]
-    prefix = f"[rank {run.rank}] " if run.world_size > 1 else ""
-    for line in files:
-        tqdm.write(f"train.py: warning: {prefix}unreadable image {line}", file=sys.stderr)
-    return len(files)
-
-
 @functools.cache
 def device_constants(device):
     """Normalisation and PCA-lighting constants in 0-255 units, made once per device (a fresh
@@ -494,10 +496,12 @@ def to_device(images, labels, device, lighting=0.0):
 
 
 def build_mix(args, num_classes):
-    """One of mixup / CutMix per batch, each with p 0.5 as in the official code; soft targets."""
+    """One of mixup / CutMix per batch (mixup with probability MIXUP_CHOICE); soft targets."""
     mixes = [mix(alpha=alpha, num_classes=num_classes)
              for mix, alpha in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if alpha > 0]
-    return v2.RandomChoice(mixes) if mixes else None
+    if not mixes:
+        return None
+    return v2.RandomChoice(mixes, p=[MIXUP_CHOICE, 1 - MIXUP_CHOICE] if len(mixes) == 2 else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,10 +509,20 @@ def build_mix(args, num_classes):
 # ------------------------------------------------------------------------------------------------
 
 
+def ema_alpha(args):
+    """The official EMA's blend per update: scaled with batch, period and epochs."""
+    return min(1.0, args.ema_alpha * args.batch_size * args.ema_period / args.epochs)
+
+
 @torch.no_grad()
-def update_ema(ema, model, alpha):
-    """ema <- (1 - alpha) ema + alpha w over all weights and BatchNorm buffers (official code)."""
-    for e, w in zip(ema.state_dict().values(), model.state_dict().values()):
+def update_ema(run, epoch):
+    """Every --ema-period steps: ema <- (1 - a) ema + a w over all weights and BatchNorm buffers,
+    with a = ema_alpha(), or a copy of the weights during warmup (official code)."""
+    args = run.args
+    if run.ema is None or run.step % args.ema_period:
+        return
+    alpha = 1.0 if epoch < args.warmup_epochs else ema_alpha(args)
+    for e, w in zip(run.ema.state_dict().values(), run.model.state_dict().values()):
         e.lerp_(w, alpha) if e.is_floating_point() else e.copy_(w)
 
 
@@ -575,18 +589,6 @@ def recompute_bn_statistics(run, epoch):
         precise_bn(models, precise_bn_batches(run, seed), run.world_size)
 
 
-@contextlib.contextmanager
-def no_tf32(active):
-    """Full fp32 matmuls and convolutions inside (TF32 is on for training on CUDA)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if active:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @torch.no_grad()
 def evaluate(run, model):
     """(top-1 %, top-5 %, images, unreadable images) over the whole validation set, each image
@@ -596,9 +598,9 @@ def evaluate(run, model):
     device = run.device
     amp = run.args.eval_precision == "bf16"
     sums = torch.zeros(4, device=device, dtype=torch.float64)
-    with no_tf32(device.type == "cuda" and not amp):
+    with no_tf32(device.type == "cuda" and not amp):  # fp32 evaluation, as the official code
         for images, labels, bad in run.val_loader:
-            sums[3] += unreadable_files(run, bad)
+            sums[3] += warn_unreadable(run, bad)
             images, labels = to_device(images, labels, device)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 logits = model(images)
@@ -612,20 +614,14 @@ def evaluate(run, model):
     return 100 * top1 / max(count, 1), 100 * top5 / max(count, 1), int(count), int(bad)
 
 
-def sync_buffers(module, world_size):
-    """BatchNorm statistics drift apart across ranks; evaluate and save rank 0's everywhere."""
-    if world_size > 1:
-        for b in module.buffers():
-            dist.broadcast(b, 0)
-
-
 def evaluate_epoch(run, record):
-    """Precise BN, then val top-1/top-5 of the model and of the EMA into the epoch's record."""
+    """Precise BN, then val top-1/top-5 of the model and of the EMA into the epoch's record;
+    the best EMA (or model) so far goes to best.pt."""
     recompute_bn_statistics(run, run.epoch)
     for key, model in (("val", run.model), ("ema", run.ema)):
         if model is None:
             continue
-        sync_buffers(model, run.world_size)
+        sync_buffers(model, run.world_size)  # BN statistics: rank 0's, as in the checkpoint
         top1, top5, count, bad = evaluate(run, model)
         record.update({f"{key}_top1": top1, f"{key}_top5": top5, "val_images": count})
         if bad:
@@ -633,15 +629,507 @@ def evaluate_epoch(run, record):
     top1 = record.get("ema_top1", record.get("val_top1"))
     if top1 is not None and top1 > run.best[0]:
         run.best = (top1, run.epoch)
-        best = run.ema if run.ema is not None else run.model
-        on_rank_0(run, lambda: save_atomic({"model": best.state_dict(), "args": vars(run.args),
-                                            "epoch": run.epoch, "top1": top1},
-                                           os.path.join(run.args.out, "best.pt")))
+        save_best(run, run.ema if run.ema is not None else run.model, top1)
+
+
+# ================ Machinery: nothing below this line changes what is learned ================
+# Argument checks, ranks agreeing, run folders and their lock, the epoch's checks and figures,
+# checkpoints and exact resume, signals, unreadable files, one-line errors.
+
+
+def check_numbers(args):
+    """Every number the run depends on, checked before anything starts."""
+    checks = {
+        "--img-size must be a positive multiple of 16":
+            args.img_size >= 16 and args.img_size % 16 == 0,
+        "--epochs, --batch-size and --accum-steps must be at least 1":
+            min(args.epochs, args.batch_size, args.accum_steps) >= 1,
+        "need 0 <= --warmup-epochs < --epochs": 0 <= args.warmup_epochs < args.epochs,
+        "need a finite --lr > 0 and --wd >= 0":
+            args.lr > 0 and args.wd >= 0 and math.isfinite(args.lr * args.wd),
+        "--mixup, --cutmix and --lighting must be finite and >= 0 (0 = off)":
+            all(math.isfinite(a) and a >= 0 for a in (args.mixup, args.cutmix, args.lighting)),
+        "--ema-alpha must be finite and > 0": math.isfinite(args.ema_alpha) and args.ema_alpha > 0,
+        "--label-smoothing must be in [0, 1)": 0 <= args.label_smoothing < 1,
+        "--max-bad-fraction must be in [0, 1]": 0 <= args.max_bad_fraction <= 1,
+        "--ema-period, --eval-every and --fake-size must be at least 1":
+            min(args.ema_period, args.eval_every, args.fake_size) >= 1,
+        "--workers and --precise-bn must be >= 0":
+            (args.workers is None or args.workers >= 0) and args.precise_bn >= 0,
+        "--stop-after must be at least 1": args.stop_after is None or args.stop_after >= 1,
+    }
+    for message, ok in checks.items():
+        if not ok:
+            raise RunError(message)
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints
+# Distributed: one process per GPU (NCCL) or CPU rank (gloo) under torchrun; ranks agree on errors
 # ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def distributed():
+    """(rank, world_size, device) for the run inside; the process group is torn down after."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        rank, world_size, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    else:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield rank, world_size, device
+        if dist.is_initialized():  # a clean end: without it, gloo's teardown can hang on torch 2.4
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_sum(tensor, world_size):
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag, run):
+    """True on every rank if `flag` is true on any rank."""
+    return bool(all_sum(torch.tensor([float(flag)], device=run.device), run.world_size).item())
+
+
+def all_gather(obj, world_size):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def agree(error, world_size):
+    """Raises on every rank the RunError that any rank had (`error`: this rank's, or None), so
+    that a problem seen by one rank (a file missing on one node, a full disk on rank 0) stops all
+    of them with the same line instead of leaving the others blocked in a collective."""
+    for rank, e in enumerate(all_gather(error, world_size)):
+        if e is not None:
+            raise type(e)(str(e) if rank == 0 else f"[rank {rank}] {e}")
+
+
+def on_rank_0(run, write):
+    """Runs write() on rank 0 only; a RunError there (e.g. a full disk) stops every rank."""
+    error = None
+    if run.rank == 0:
+        try:
+            write()
+        except RunError as e:
+            error = e
+    agree(error, run.world_size)
+
+
+def sync_buffers(module, world_size):
+    """BatchNorm statistics drift apart across ranks; evaluate and save rank 0's everywhere."""
+    if world_size > 1:
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+
+
+def checked_inputs(args, world_size):
+    """(train set, val set, checkpoint or None, its path), checked by each rank on its own (its
+    filesystem may differ from the others'), then agreed: one rank's error stops them all."""
+    error, train_set, val_set, ckpt, path = None, None, None, None, None
+    try:
+        check_out(args)
+        train_set, val_set, args.num_classes = build_datasets(args)
+        if args.resume:
+            check_not_diverged(args)
+            ckpt, path = load_checkpoint(args)
+    except RunError as e:
+        error = e
+    agree(error, world_size)
+    return train_set, val_set, ckpt, path
+
+
+# ------------------------------------------------------------------------------------------------
+# The run folder: created, locked, the invocation recorded; the run's summary and its end
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_folder(args, rank, world_size):
+    """Sets args.out: a new runs/MODEL-DATE-TIME unless --out was given, picked by rank 0 for all
+    ranks. A folder made here is removed again if the run fails before it writes anything."""
+    if args.out:
+        yield
+        return
+    out, error = None, None
+    if rank == 0:  # claimed by creating it: two runs started in the same second get two folders
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = os.path.join("runs", f"{args.model}-{stamp}")
+        for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
+            try:
+                os.makedirs(out)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                error = RunError(f"cannot create the run folder {out} ({e.strerror})")
+                break
+    agree(error, world_size)
+    args.out = all_gather(out, world_size)[0]
+    try:
+        yield
+    except RunError:
+        if rank == 0:  # the folder made for this run is still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)
+        raise
+
+
+def check_out(args):
+    """The output folder must not hold a run that this one would overwrite."""
+    if os.path.exists(checkpoint_file(args)) and not args.resume:
+        raise RunError(f"{args.out} already holds a run: pass --resume auto to continue it, or "
+                       f"choose another --out")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise RunError(f"--out {args.out}: exists and is not a folder")
+
+
+@contextlib.contextmanager
+def started(run, argv):
+    """Signals caught (the first SIGINT/SIGTERM stops the run at the next check, with a
+    checkpoint), the run folder created and locked, the invocation recorded in args.jsonl, the
+    run's summary printed; the lock and the previous signal handlers are restored after."""
+    handlers = {s: signal.signal(s, on_signal(run)) for s in (signal.SIGINT, signal.SIGTERM)}
+    args = run.args
+
+    def write():
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            run.lock = lock(args.out)
+            record_invocation(run, argv)
+        except OSError as e:
+            raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    try:
+        on_rank_0(run, write)
+        if run.rank == 0:
+            cx = vitc.complexity(run.model)
+            print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M params | "
+                  f"{run.world_size} x {run.device.type}, global batch {args.batch_size}, "
+                  f"{run.steps_per_epoch} steps/epoch | torch {torch.__version__} | out {args.out}")
+        yield
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def lock(folder):
+    """An advisory lock on the run folder, held while the process lives: a second train.py on
+    the same folder (a job resubmitted while the first still runs) is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows
+        return None
+    handle = open(os.path.join(folder, ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise FolderInUse(f"{folder} is in use by another train.py: wait for it to end, or "
+                          f"choose another --out") from None
+    return handle
+
+
+def code_provenance():
+    """sha256 of train.py and vitc.py, and the git commit (with uncommitted changes or not) when
+    they run from a git checkout: which code produced the run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = {}
+    for name in ("train.py", "vitc.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            code[f"{name}_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    try:
+        def git(*command):
+            return subprocess.run(["git", "-C", here, *command], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        code["git_commit"] = git("rev-parse", "HEAD")
+        code["git_changed"] = bool(git("status", "--porcelain", "--", "train.py", "vitc.py"))
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        code["git_commit"] = None
+    return code
+
+
+def record_invocation(run, argv):
+    """Appends to OUT/args.jsonl what this invocation was asked, what it resolved that to, and
+    the code that ran."""
+    args, device = run.args, run.device
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    entry = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+             "command": ["train.py", *argv], "args": vars(args),
+             "resolved": {"peak_lr": run.peak_lr, "world_size": run.world_size,
+                          "micro_batch": run.micro_batch, "accum_steps": args.accum_steps,
+                          "workers": run.workers, "train_precision": args.train_precision,
+                          "eval_precision": args.eval_precision, "ema_alpha": ema_alpha(args),
+                          "device": f"{device.type} ({name})",
+                          "steps_per_epoch": run.steps_per_epoch, "start_step": run.step,
+                          "torch": torch.__version__, "torchvision": torchvision.__version__,
+                          "python": platform.python_version()},
+             "code": code_provenance()}
+    append_line(os.path.join(args.out, "args.jsonl"), entry)
+
+
+def report_stop(run, why=None):
+    """Says how to continue a run that stops before its end; returns its exit status, 0."""
+    why = why or f"stopped by {run.stop_signal or 'a signal to another rank'}"
+    if run.rank == 0:
+        print(f"{why} at step {run.step}; checkpoint {checkpoint_file(run.args)}. To continue, "
+              f"re-run the same command with --out {run.args.out} --resume auto")
+    return 0
+
+
+def report_done(run, nothing_to_do):
+    args = run.args
+    if run.rank != 0:
+        return
+    if nothing_to_do:
+        print(f"the run in {args.out} is complete ({args.epochs} epochs): nothing to train")
+    which = "EMA " if run.ema is not None else ""
+    print(f"done: best {which}top-1 {run.best[0]:.2f}% (epoch {run.best[1]}); checkpoint "
+          f"{checkpoint_file(args)}, best weights {args.out}/best.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# The epoch's figures and checks, read every CHECK_EVERY steps; the end of an epoch
+# ------------------------------------------------------------------------------------------------
+
+# Reading a figure of the step (the loss, say) makes the host wait until the GPU has run every
+# step queued so far: read at every step, the host could never queue the next step ahead. So the
+# figures stay on the device and are read, for all ranks in one all-reduce, every CHECK_EVERY
+# steps and at the end of each epoch (before any evaluation or checkpoint).
+CHECK_EVERY = 20
+
+
+def new_progress():
+    """Running figures of the epoch under way; checkpointed, so that an epoch interrupted and
+    resumed is still logged whole."""
+    return {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "epoch_time": 0.0, "unreadable": 0}
+
+
+class Monitor:
+    """The epoch's progress bar and its checks. Per step it keeps the loss (on the device), the
+    unreadable train files and the blanks (files given up on); every CHECK_EVERY steps it reads
+    them for all ranks at once, step by step in order: a non-finite loss or too many unreadable
+    files stop the run with the step they happened at, and a stop signal on any rank stops all
+    ranks at the same step. The figures go into run.progress."""
+
+    def __init__(self, run, epoch, first):
+        self.run, self.epoch = run, epoch
+        self.losses, self.unreadable, self.blanks = [], [], []
+        self.step_unreadable = self.step_blanks = 0
+        self.window_step, self.window_start = run.step, time.perf_counter()
+        run.epoch_start, run.resumed_mid_epoch = self.window_start, first > 0
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        self.bar = tqdm(total=run.steps_per_epoch, initial=first, disable=run.rank != 0,
+                        desc=f"epoch {epoch + 1}/{run.args.epochs}", dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()  # also before an error, so that its message starts a line of its own
+
+    def count_unreadable(self, bad, labels):
+        """A micro-batch's unreadable files (named now, on this rank) and blanks (label -1)."""
+        self.step_unreadable += warn_unreadable(self.run, bad)
+        self.step_blanks += int((labels < 0).sum())  # a CPU tensor: no device sync
+
+    def after_step(self, loss):
+        """Keeps the step's figures; every CHECK_EVERY steps and at the epoch's end, reads and
+        checks them. Returns True when any rank was asked to stop."""
+        run = self.run
+        self.losses.append(loss)
+        self.unreadable.append(self.step_unreadable)
+        self.blanks.append(self.step_blanks)
+        self.step_unreadable = self.step_blanks = 0
+        self.bar.update()
+        epoch_end = run.step == (self.epoch + 1) * run.steps_per_epoch
+        return (run.step % CHECK_EVERY == 0 or epoch_end) and self.read(epoch_end)
+
+    def read(self, epoch_end):
+        run, progress, n = self.run, self.run.progress, len(self.losses)
+        counts = torch.tensor([*self.unreadable, *self.blanks, float(run.stop_signal is not None)])
+        stats = torch.cat([torch.stack(self.losses).float(), counts.to(run.device)])
+        stats = all_sum(stats, run.world_size).tolist()  # the one wait for the device
+        for i in range(n):
+            step, unreadable, blanks = self.window_step + i + 1, stats[n + i], stats[2 * n + i]
+            progress["unreadable"] += int(unreadable)
+            if blanks:
+                raise RunError(f"{MAX_UNREADABLE_IN_A_ROW} train files in a row are unreadable "
+                               f"(named above): is the data folder still there?")
+            check_unreadable(run, unreadable, self.epoch, step)
+            loss = stats[i] / run.world_size
+            if not math.isfinite(loss):
+                stop_diverged(run, loss, self.epoch, step)
+            progress["loss_sum"] += loss
+            progress["steps"] += 1
+        now = time.perf_counter()
+        progress["seconds"] += now - self.window_start
+        images_per_sec = progress["steps"] * run.args.batch_size / progress["seconds"]
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.3g}", img_s=f"{images_per_sec:.0f}")
+        self.losses, self.unreadable, self.blanks = [], [], []
+        self.window_step, self.window_start = run.step, now
+        stop = stats[-1] > 0
+        if stop and not epoch_end:  # the epoch goes on after a resume: keep its time so far
+            progress["epoch_time"] += now - run.epoch_start
+        return stop
+
+
+def stop_diverged(run, loss, epoch, step):
+    """A non-finite loss: marked in the log (a sweep's report counts the run as diverged), then
+    the run stops before anything is checkpointed; the last good checkpoint stays."""
+    marker = {"epoch": epoch + 1, "step": step, "diverged": str(loss)}
+    on_rank_0(run, functools.partial(append_line, os.path.join(run.args.out, "log.jsonl"), marker))
+    raise RunError(f"loss is {loss} at step {step} (epoch {epoch + 1}); stopped, the last good "
+                   f"checkpoint stays in {run.args.out}")
+
+
+def end_epoch(run, record):
+    """The epoch's figures into its record, the checkpoint, then the record into log.jsonl."""
+    args, progress = run.args, run.progress
+    record.update(epoch_time=time.perf_counter() - run.epoch_start + progress["epoch_time"],
+                  images_per_sec=progress["steps"] * args.batch_size / progress["seconds"],
+                  unreadable=progress["unreadable"])
+    if run.resumed_mid_epoch:  # the figures still cover the whole epoch, over two invocations
+        record["resumed_mid_epoch"] = True
+    if run.device.type == "cuda":
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
+    run.progress = new_progress()
+    save_checkpoint(run)
+    on_rank_0(run, lambda: append_line(os.path.join(args.out, "log.jsonl"), record))
+    if run.rank == 0:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in record.items()))
+    bad, total = record.get("val_unreadable", 0), record.get("val_images", 0)
+    if too_many(bad, bad + total, args.max_bad_fraction):  # after the checkpoint: nothing lost
+        raise RunError(f"{bad} of {bad + total} val images are unreadable (named above), more "
+                       f"than --max-bad-fraction {args.max_bad_fraction} allows")
+
+
+# ------------------------------------------------------------------------------------------------
+# Unreadable files: replaced in the train set, left out of the val set, named and counted
+# ------------------------------------------------------------------------------------------------
+
+MAX_UNREADABLE_IN_A_ROW = 64  # then a train item is a blank, and the run stops (data gone?)
+
+
+class ImageFiles(datasets.ImageFolder):
+    """ImageFolder whose items are (image, label, unreadable) and that survives bad files.
+
+    `unreadable` names the item's own file with the reason if it could not be decoded ("" if it
+    could). In the train set such a file is replaced by the next readable one (a file skipped on
+    the way is reported when its own index comes); in the val set, and after
+    MAX_UNREADABLE_IN_A_ROW unreadable files in a row, the item is a blank image with label -1."""
+
+    def __init__(self, root, transform, replace, blank_size):
+        super().__init__(root, transform)
+        self.replace, self.blank_size = replace, blank_size
+
+    def __getitem__(self, index):
+        own = ""  # this item's file, if unreadable, with the reason
+        for i in range(index, index + (MAX_UNREADABLE_IN_A_ROW if self.replace else 1)):
+            path, label = self.samples[i % len(self.samples)]
+            try:
+                image = self.loader(path)  # PIL: decode and convert to RGB
+            except Exception as e:  # truncated, empty, not an image, unreadable...
+                reason = str(e).splitlines()[0] if str(e) else ""
+                own = own or f"{path} ({type(e).__name__}: {reason})"
+                continue
+            return self.transform(image), label, own
+        blank = Image.new("RGB", (self.blank_size, self.blank_size))
+        return self.transform(blank), -1, own
+
+
+class FakeImages(datasets.FakeData):
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return image, label, ""
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """The wrapped sampler without its first `skip` indices."""
+
+    def __init__(self, sampler, skip):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+def warn_unreadable(run, bad):
+    """Warns about each unreadable file in a batch's `bad` strings; returns how many there were."""
+    files = [entry for entry in bad if entry]
+    prefix = f"[rank {run.rank}] " if run.world_size > 1 else ""
+    for line in files:
+        tqdm.write(f"train.py: warning: {prefix}unreadable image {line}", file=sys.stderr)
+    return len(files)
+
+
+def too_many(bad, total, fraction):
+    """More than --max-bad-fraction of `total` images unreadable?"""
+    return bad > fraction * total
+
+
+def check_unreadable(run, in_step, epoch, step):
+    """Stops the run when too many train images are unreadable in a step's global batch or so far
+    in the epoch (counts summed over ranks)."""
+    limit, batch = run.args.max_bad_fraction, run.args.batch_size
+    in_epoch, epoch_images = run.progress["unreadable"], run.steps_per_epoch * batch
+    if too_many(in_step, batch, limit) or (in_step and too_many(in_epoch, epoch_images, limit)):
+        raise RunError(f"{in_epoch} unreadable train images in epoch {epoch + 1} ({int(in_step)} "
+                       f"in step {step}), more than --max-bad-fraction {limit} allows; the files "
+                       f"are named above, the last checkpoint stays in {run.args.out}")
+
+
+@contextlib.contextmanager
+def no_tf32(active):
+    """Full fp32 matmuls and convolutions inside (TF32 is on for training on CUDA)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if active:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, with every rank's RNG state, for an exact resume
+# ------------------------------------------------------------------------------------------------
+
+# What a resumed run must share with the run that wrote the checkpoint: the model and everything
+# the optimizer state and the schedule position depend on. Data path, workers, accumulation,
+# augmentation, evaluation, precision and compilation may change.
+RESUME_KEYS = ("model", "img_size", "num_classes", "optimizer", "batch_size", "epochs",
+               "warmup_epochs", "lr", "wd")
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "steps_per_epoch",
+                   "best", "args", "progress", "rng"}
+
+
+def checkpoint_file(args):
+    return os.path.join(args.out, "checkpoint.pt")
 
 
 def rng_state(device):
@@ -656,47 +1144,24 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash or a full disk never leaves a torn file,
-    and the previous version stays as it was."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:  # torch.save reports a failed write as a RuntimeError from an OSError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        cause = e
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise RunError(f"cannot write {path} ({cause.strerror or cause}); the previous version, "
-                       f"if any, is intact") from None
+def save_checkpoint(run):
+    """Rank 0 writes OUT/checkpoint.pt atomically; every rank contributes its RNG state."""
+    states = all_gather(rng_state(run.device), run.world_size)
+    sync_buffers(run.model, run.world_size)
+    on_rank_0(run, lambda: save_atomic({
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "epoch": run.epoch, "step": run.step, "steps_per_epoch": run.steps_per_epoch,
+        "best": list(run.best), "args": vars(run.args), "progress": run.progress,
+        "rng": states}, checkpoint_file(run.args)))
 
 
-def append_line(path, record):
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise RunError(f"cannot write {path} ({e.strerror or e})") from None
-
-
-# What a resumed run must share with the run that wrote the checkpoint: the model and everything
-# the optimizer state and the schedule position depend on. Data path, workers, accumulation,
-# augmentation, evaluation, precision and compilation may change.
-RESUME_KEYS = ("model", "img_size", "num_classes", "optimizer", "batch_size", "epochs",
-               "warmup_epochs", "lr", "wd")
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "steps_per_epoch",
-                   "best", "args", "rng"}
-
-
-def checkpoint_file(args):
-    return os.path.join(args.out, "checkpoint.pt")
+def save_best(run, model, top1):
+    """OUT/best.pt: the weights (the EMA's, if any) of the best evaluation so far."""
+    on_rank_0(run, lambda: save_atomic({"model": model.state_dict(), "args": vars(run.args),
+                                        "epoch": run.epoch, "top1": top1},
+                                       os.path.join(run.args.out, "best.pt")))
 
 
 def load_checkpoint(args):
@@ -753,7 +1218,7 @@ def restore(run, ckpt):
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], tuple(ckpt["best"])
-    run.progress = ckpt.get("progress") or new_progress()
+    run.progress = ckpt["progress"]
     if len(ckpt["rng"]) == run.world_size:  # exact continuation needs the same world size
         set_rng_state(ckpt["rng"][run.rank], run.device)
     elif run.rank == 0:
@@ -761,231 +1226,39 @@ def restore(run, ckpt):
               f"{run.world_size}: the run continues but is not bit-identical")
 
 
-def save_checkpoint(run):
-    """Rank 0 writes OUT/checkpoint.pt atomically; every rank contributes its RNG state."""
-    states = all_gather(rng_state(run.device), run.world_size)
-    sync_buffers(run.model, run.world_size)
-    on_rank_0(run, lambda: save_atomic({
-        "model": run.model.state_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-        "epoch": run.epoch, "step": run.step, "steps_per_epoch": run.steps_per_epoch,
-        "best": list(run.best), "args": vars(run.args), "progress": run.progress,
-        "rng": states}, checkpoint_file(run.args)))
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash or a full disk never leaves a torn file,
+    and the previous version stays as it was."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:  # torch.save reports a failed write as a RuntimeError from an OSError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise RunError(f"cannot write {path} ({cause.strerror or cause}); the previous version, "
+                       f"if any, is intact") from None
+
+
+def append_line(path, record):
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 # ------------------------------------------------------------------------------------------------
-# Training
+# Signals
 # ------------------------------------------------------------------------------------------------
-
-
-def new_progress():
-    """Running figures of the epoch under way; checkpointed, so that an epoch interrupted and
-    resumed is still logged whole."""
-    return {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "epoch_time": 0.0, "unreadable": 0}
-
-
-def train_one_epoch(run, epoch, skip):
-    """One pass over this rank's shard from step `skip` on, adding to run.progress."""
-    args = run.args
-    bar = tqdm(total=run.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
-               disable=run.rank != 0, dynamic_ncols=True)
-    try:
-        run_steps(run, epoch, skip, bar)
-    finally:
-        bar.close()  # also before an error, so that its message starts a line of its own
-
-
-def check_unreadable(run, in_step, epoch):
-    """Stops the run when too many train images are unreadable (counts summed over ranks)."""
-    limit, batch = run.args.max_bad_fraction, run.args.batch_size
-    in_epoch = run.progress["unreadable"]
-    if in_step > limit * batch or (in_step and in_epoch > limit * run.steps_per_epoch * batch):
-        raise RunError(f"{in_epoch} unreadable train images in epoch "
-                       f"{epoch + 1} ({int(in_step)} in step {run.step + 1}), more than "
-                       f"--max-bad-fraction {limit} allows; the files are named above, the last "
-                       f"checkpoint stays in {run.args.out}")
-
-
-def run_steps(run, epoch, skip, bar):
-    args, device, progress = run.args, run.device, run.progress
-    batches = train_batches(run, epoch, skip * args.accum_steps)
-    amp = args.train_precision == "bf16"
-    for _ in range(skip, run.steps_per_epoch):
-        start = time.perf_counter()
-        stats = torch.zeros(4, device=device)  # loss, stop asked, unreadable, gave up: rank sums
-        for micro_step in range(args.accum_steps):
-            images, labels, bad = next(batches)
-            stats[2] += unreadable_files(run, bad)
-            stats[3] += (labels < 0).sum()  # ImageFiles gave up: 64 unreadable files in a row
-            images, labels = to_device(images, labels, device, args.lighting)
-            images, targets = run.mix(images, labels) if run.mix else (images, labels)
-            sync = micro_step == args.accum_steps - 1 or run.world_size == 1
-            with contextlib.nullcontext() if sync else run.ddp.no_sync():
-                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                    logits = run.ddp(images)
-                # Label smoothing is applied here and only here, also to mixed (soft) targets.
-                loss = F.cross_entropy(logits.float(), targets,
-                                       label_smoothing=args.label_smoothing) / args.accum_steps
-                loss.backward()
-            stats[0] += loss.detach()
-        stats[1] = float(run.stop_signal is not None)
-        loss_value, stop, unreadable, gave_up = all_sum(stats, run.world_size).tolist()
-        loss_value /= run.world_size
-        progress["unreadable"] += int(unreadable)
-        if gave_up:
-            raise RunError("64 train files in a row are unreadable (named above): is the data "
-                           "folder still there?")
-        check_unreadable(run, unreadable, epoch)
-        if not math.isfinite(loss_value):  # checked before the update can spread it
-            # Marked in the log, so that a sweep's report counts the run as diverged.
-            marker = {"epoch": epoch + 1, "step": run.step + 1, "diverged": str(loss_value)}
-            on_rank_0(run, functools.partial(append_line, os.path.join(args.out, "log.jsonl"),
-                                             marker))
-            raise RunError(f"loss is {loss_value} at step {run.step + 1} (epoch {epoch + 1}); "
-                           f"stopped, the last good checkpoint stays in {args.out}")
-        run.optimizer.step()
-        run.lr = run.scheduler.get_last_lr()[0]  # the lr this step used
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        if run.ema is not None and run.step % args.ema_period == 0:
-            warm = epoch < args.warmup_epochs  # during warmup the EMA copies the weights
-            update_ema(run.ema, run.model, 1.0 if warm else run.ema_alpha)
-        progress["loss_sum"] += loss_value
-        progress["steps"] += 1
-        progress["seconds"] += time.perf_counter() - start
-        images_per_sec = progress["steps"] * args.batch_size / progress["seconds"]
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.lr:.3g}",
-                        img_s=f"{images_per_sec:.0f}", refresh=False)
-        bar.update()
-        if stop:
-            run.stopped = True
-            break
-
-
-def check_out(args):
-    """The output folder must not hold a run that this one would overwrite."""
-    if os.path.exists(checkpoint_file(args)) and not args.resume:
-        raise RunError(f"{args.out} already holds a run: pass --resume auto to continue it, or "
-                       f"choose another --out")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise RunError(f"--out {args.out}: exists and is not a folder")
-
-
-def build_run(args, rank, world_size, device):
-    """Data, model, EMA, optimizer and schedule, restored from a checkpoint when resuming. Every
-    check of the user's input happens here, before any training."""
-    if args.batch_size % (world_size * args.accum_steps):
-        raise RunError(f"--batch-size {args.batch_size} is not divisible by world size "
-                       f"{world_size} x --accum-steps {args.accum_steps}")
-    run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
-                             stop_signal=None, stopped=False, lr=None, progress=new_progress())
-    error, ckpt, path = None, None, None
-    try:  # what each rank checks on its own: its filesystem may differ from the others'
-        check_out(args)
-        run.train_set, val_set, args.num_classes = build_datasets(args)
-        if args.resume:
-            check_not_diverged(args)
-            ckpt, path = load_checkpoint(args)
-    except RunError as e:
-        error = str(e)
-    agree(error, world_size)
-    run.micro_batch = args.batch_size // (world_size * args.accum_steps)
-    # Train: equal shards per rank, no padding, the last partial batch dropped (BN and mixup need
-    # full batches). Workers restart every epoch, seeded from the checkpointed RNG.
-    run.sampler = DistributedSampler(run.train_set, world_size, rank, seed=args.seed,
-                                     drop_last=True)
-    run.steps_per_epoch = len(run.sampler) // (run.micro_batch * args.accum_steps)
-    if run.steps_per_epoch == 0:
-        raise RunError(f"the train set has {len(run.train_set)} images, fewer than one global "
-                       f"batch of {args.batch_size}")
-    run.workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    # Val: rank r takes images r, r + W, ...: each image exactly once, shards may differ by one.
-    run.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)),
-                                min(run.micro_batch, 256), num_workers=run.workers,
-                                pin_memory=device.type == "cuda",
-                                generator=torch.Generator())  # not the training's RNG
-    check_resume(run, ckpt, path)
-
-    torch.manual_seed(args.seed)  # identical initialisation on every rank
-    run.model = vitc.create_model(args.model, args.num_classes, args.img_size).to(device)
-    run.ema = copy.deepcopy(run.model).eval().requires_grad_(False) if args.ema else None
-    # Official EMA: alpha scaled with batch, period and epochs so its horizon is ~fixed in epochs.
-    run.ema_alpha = min(1.0, args.ema_alpha * args.batch_size * args.ema_period / args.epochs)
-    run.peak_lr = vitc.scale_lr(args.lr, args.batch_size)  # lrs are quoted at batch 2048
-    run.optimizer = vitc.make_optimizer(run.model, args.optimizer, run.peak_lr, args.wd)
-    total = args.epochs * run.steps_per_epoch
-    warmup = min(round(args.warmup_epochs * run.steps_per_epoch), total - 1)
-    run.scheduler = vitc.make_scheduler(run.optimizer, total, warmup)
-    run.mix = build_mix(args, args.num_classes)
-    run.epoch, run.step, run.best = 0, 0, (-1.0, 0)
-    torch.manual_seed(args.seed + 1 + rank)  # augmentation differs across ranks
-    random.seed(args.seed + 1 + rank)
-    if ckpt is not None:
-        restore(run, ckpt)
-    compiled = torch.compile(run.model) if args.compile else run.model
-    run.ddp = compiled
-    if world_size > 1:
-        run.ddp = DistributedDataParallel(
-            compiled, device_ids=[device] if device.type == "cuda" else None)
-    return run
-
-
-def record_invocation(run, argv):
-    """Appends to OUT/args.jsonl what this invocation was asked and what it resolved that to."""
-    args, device = run.args, run.device
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    entry = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-             "command": ["train.py", *argv], "args": vars(args),
-             "resolved": {"peak_lr": run.peak_lr, "world_size": run.world_size,
-                          "micro_batch": run.micro_batch, "accum_steps": args.accum_steps,
-                          "workers": run.workers, "train_precision": args.train_precision,
-                          "eval_precision": args.eval_precision, "ema_alpha": run.ema_alpha,
-                          "device": f"{device.type} ({name})",
-                          "steps_per_epoch": run.steps_per_epoch, "start_step": run.step,
-                          "torch": torch.__version__, "torchvision": torchvision.__version__,
-                          "python": platform.python_version()}}
-    append_line(os.path.join(args.out, "args.jsonl"), entry)
-
-
-def lock(folder):
-    """An advisory lock on the run folder, held while the process lives: a second train.py on
-    the same folder (a job resubmitted while the first still runs) is refused."""
-    try:
-        import fcntl
-    except ImportError:  # not on Windows
-        return None
-    handle = open(os.path.join(folder, ".lock"), "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise RunError(f"{folder} is in use by another train.py: wait for it to end, or choose "
-                       f"another --out") from None
-    return handle
-
-
-def start(run, argv):
-    """Creates and locks the run folder, records the invocation, prints the run's summary."""
-    args = run.args
-
-    def write():
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            run.lock = lock(args.out)
-            record_invocation(run, argv)
-        except OSError as e:
-            raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    on_rank_0(run, write)
-    if run.rank != 0:
-        return
-    cx = vitc.complexity(run.model)
-    print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M params | "
-          f"{run.world_size} x {run.device.type}, global batch {args.batch_size}, "
-          f"{run.steps_per_epoch} steps/epoch | torch {torch.__version__} | out {args.out}")
 
 
 def on_signal(run):
@@ -998,121 +1271,46 @@ def on_signal(run):
             raise KeyboardInterrupt
         run.stop_signal = signal.Signals(signum).name
         if run.rank == 0:
-            print(f"\n{run.stop_signal}: finishing the current step, then saving a checkpoint "
-                  f"(send it again to abort)", file=sys.stderr)
+            print(f"\n{run.stop_signal}: finishing the current step and those up to the next "
+                  f"check (at most {CHECK_EVERY} steps), then saving a checkpoint (send it again "
+                  f"to abort)", file=sys.stderr)
     return handler
 
 
-def stopped_by_signal(run):
-    return stopped(run, f"stopped by {run.stop_signal or 'a signal to another rank'}")
+# ------------------------------------------------------------------------------------------------
+# Errors: one line `NAME.py: error: ...` and exit status 2 for bad input, in train.py and tools/
+# ------------------------------------------------------------------------------------------------
 
 
-def stopped(run, why):
-    if run.rank == 0:
-        print(f"{why} at step {run.step}; checkpoint {checkpoint_file(run.args)}. To continue, "
-              f"re-run the same command with --out {run.args.out} --resume auto")
-    return 0
+class RunError(Exception):
+    """Bad input or a run that cannot go on: reported as one line, exit status `status`."""
+    status = 2
 
 
-def end_epoch(run, record, resumed):
-    """Evaluation (every --eval-every epochs and at the end), checkpoint, and the log line."""
-    args, progress = run.args, run.progress
-    if run.epoch % args.eval_every == 0 or run.epoch == args.epochs:
-        evaluate_epoch(run, record)
-    record.update(epoch_time=time.perf_counter() - run.epoch_start + progress["epoch_time"],
-                  images_per_sec=progress["steps"] * args.batch_size / progress["seconds"],
-                  unreadable=progress["unreadable"])
-    if resumed:  # the figures still cover the whole epoch, over two invocations
-        record["resumed_mid_epoch"] = True
-    if run.device.type == "cuda":
-        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
-    run.progress = new_progress()
-    save_checkpoint(run)
-    on_rank_0(run, lambda: append_line(os.path.join(args.out, "log.jsonl"), record))
-    if run.rank == 0:
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in record.items()))
-    bad, total = record.get("val_unreadable", 0), record.get("val_images", 0)
-    if bad > args.max_bad_fraction * (bad + total):  # after the checkpoint: nothing is lost
-        raise RunError(f"{bad} of {bad + total} val images are unreadable (named above), more "
-                       f"than --max-bad-fraction {args.max_bad_fraction} allows")
+class FolderInUse(RunError):
+    """The run folder is locked by a live train.py: exit status 3, so that a sweep can tell."""
+    status = 3
 
 
-def train(args, argv, rank, world_size, device):
-    new_folder = args.out is None
-    args.out = resolve_out(args, rank, world_size)
-    resolve_precision(args, device)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": such helps say the default
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise RunError(message)
+
+
+def run_cli(main, name, argv=None):
+    """main(argv), with a RunError reported as one line `NAME: error: ...` (by rank 0 only under
+    torchrun) and its exit status, never a traceback. Used by train.py and every tool."""
     try:
-        run = build_run(args, rank, world_size, device)
-    except RunError:
-        if new_folder and rank == 0:  # the folder made for this run is still empty
-            with contextlib.suppress(OSError):
-                os.rmdir(args.out)
-        raise
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal(run))
-    run.lock = None
-    try:
-        start(run, argv)
-        return train_epochs(run)
-    finally:
-        if run.lock is not None:
-            run.lock.close()
-
-
-def train_epochs(run):
-    """The epochs from run.epoch on: train, evaluate, checkpoint, log; stop when asked."""
-    args, device = run.args, run.device
-    first_epoch = run.epoch
-    for epoch in range(run.epoch, args.epochs):
-        run.epoch_start = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        skip = min(max(run.step - epoch * run.steps_per_epoch, 0), run.steps_per_epoch)
-        train_one_epoch(run, epoch, skip)
-        if run.stopped and run.step < (epoch + 1) * run.steps_per_epoch:  # mid-epoch
-            run.progress["epoch_time"] += time.perf_counter() - run.epoch_start
-            save_checkpoint(run)
-            return stopped_by_signal(run)
-        run.epoch = epoch + 1
-        end_epoch(run, {"epoch": run.epoch, "step": run.step, "lr": run.lr,
-                        "train_loss": run.progress["loss_sum"] / run.progress["steps"]},
-                  resumed=skip > 0)
-        signalled = torch.tensor([float(run.stop_signal is not None)], device=device)
-        if all_sum(signalled, run.world_size).item():  # on the last step or during evaluation
-            return stopped_by_signal(run)
-        asked_stop = args.stop_after and run.epoch - first_epoch >= args.stop_after
-        if asked_stop and run.epoch < args.epochs:
-            return stopped(run, f"stopped after {args.stop_after} epochs as asked (--stop-after)")
-    if run.rank == 0:
-        if first_epoch == args.epochs:
-            print(f"the run in {args.out} is complete ({args.epochs} epochs): nothing to train")
-        which = "EMA " if run.ema is not None else ""
-        print(f"done: best {which}top-1 {run.best[0]:.2f}% (epoch {run.best[1]}); checkpoint "
-              f"{checkpoint_file(args)}, best weights {args.out}/best.pt")
-    return 0
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    rank, world_size, device = setup_distributed()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    finished = False
-    try:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-        code = train(args, argv, rank, world_size, device)
-        finished = True
-        return code
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if dist.is_initialized():
-            if finished:  # without it, gloo's teardown can hang on torch 2.4
-                dist.barrier()
-            dist.destroy_process_group()
+        return main(argv)
+    except RunError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{name}: error: {e}", file=sys.stderr)
+        return e.status
 
 
 class OneLineErrors(ErrorHandler):
@@ -1130,14 +1328,9 @@ class OneLineErrors(ErrorHandler):
 
 
 def cli(argv=None):
-    """main() with bad input reported as one line and exit status 2, never a traceback."""
+    """train.py's entry point: main() with one-line errors, also as torchrun's root cause."""
     under_torchrun = "TORCHELASTIC_ERROR_FILE" in os.environ
-    try:
-        return (record(main, OneLineErrors()) if under_torchrun else main)(argv)
-    except RunError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(record(main, OneLineErrors()) if under_torchrun else main, "train.py", argv)
 
 
 if __name__ == "__main__":

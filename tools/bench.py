@@ -34,7 +34,6 @@ images/s per worker of the DataLoader with the most workers, and the share of th
 that this machine's workers deliver.
 """
 
-import argparse
 import itertools
 import math
 import os
@@ -49,6 +48,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # after the path: the repository root, wherever this script is run from
+from train import RunError
 import vitc
 
 
@@ -134,10 +134,6 @@ PAPER_EPOCH_MINUTES = {"vitp_1gf": 2.6, "vitp_4gf": 3.8, "vitp_18gf": 11.5, "vit
 IMAGENET_TRAIN_IMAGES = 1281167
 
 
-def fail(message):
-    sys.exit(f"bench.py: error: {message}")
-
-
 def make_jpegs(root, count, classes=8, seed=0):
     """Writes `count` ImageNet-like JPEGs to root/train/class_K/. JPEG decoding costs about in
     proportion to the compressed size, so they are made to compress like photos: smooth colour
@@ -176,10 +172,8 @@ def open_images(args):
         train_tf = train.build_transforms(train.parse_args(
             ["--data", args.loader, "--img-size", str(args.img_size)]))[0]
         return train.ImageFiles(folder, train_tf, replace=True, blank_size=args.img_size)
-    except train.RunError as e:
-        fail(e)
     except OSError as e:  # no class folders, or a class folder without images
-        fail(f"--loader {folder}: {str(e).splitlines()[0]}")
+        raise RunError(f"--loader {folder}: {str(e).splitlines()[0]}")
 
 
 def describe(dataset, sample=500):
@@ -221,7 +215,8 @@ def stage_steps(dataset, chunk, seed=0):
                 for k in range(first, first + chunk):
                     run(k % len(order))
             except (OSError, RuntimeError, ValueError) as e:  # e.g. decode_jpeg on a PNG
-                fail(f"{name}: {path[k % len(order)]}: {type(e).__name__}: {e}".splitlines()[0])
+                raise RunError(f"{name}: {path[k % len(order)]}: {type(e).__name__}: {e}"
+                               .splitlines()[0])
             return time.perf_counter() - start
         return step
     return {name: make_step(name, run) for name, run in stages.items()}
@@ -270,13 +265,13 @@ def bench_loader(args):
         try:
             make_jpegs(args.loader, args.make_jpegs)
         except OSError as e:
-            fail(f"--make-jpegs: cannot write to {args.loader} ({e.strerror or e})")
+            raise RunError(f"--make-jpegs: cannot write to {args.loader} ({e.strerror or e})")
         print(f"made {args.make_jpegs} JPEGs in {args.loader}/train "
               f"({time.perf_counter() - start:.0f} s)")
     elif args.make_jpegs:
         print(f"{args.loader} exists: using its images, none generated")
     if not os.path.isdir(args.loader):
-        fail(f"--loader {args.loader}: no such folder (--make-jpegs N generates one)")
+        raise RunError(f"--loader {args.loader}: no such folder (--make-jpegs N generates one)")
     dataset = open_images(args)
     import torchvision
     from PIL import __version__ as pil_version
@@ -331,9 +326,9 @@ def bench_loader(args):
               f"{min(1.0, loader[most] / rate):>5.0%}  {source}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=train.HelpFormatter)
+def main(argv=None):
+    parser = train.Parser(description=__doc__.split("\n\n")[0],
+                          formatter_class=train.HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vitp_1gf", "vitc_1gf"],
                         choices=list(vitc.VARIANTS), metavar="NAME",
                         help=f"any of {', '.join(vitc.VARIANTS)}")
@@ -356,17 +351,19 @@ def main():
                         help="--loader: DataLoader worker counts to time")
     parser.add_argument("--images", type=int, default=2048,
                         help="--loader: images timed per stage and per worker count")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.make_jpegs is not None and args.loader is None:
-        fail("--make-jpegs N makes JPEGs for --loader DIR: pass --loader too")
+        raise RunError("--make-jpegs N makes JPEGs for --loader DIR: pass --loader too")
     if args.loader is not None:
         args.batch_size = 256 if args.batch_size is None else args.batch_size
         if min(args.batch_size, args.rounds, args.images, *args.workers) < 1 or (
                 args.make_jpegs is not None and args.make_jpegs < 1):
-            fail("--batch-size, --rounds, --images, --workers and --make-jpegs must be >= 1")
+            raise RunError("--batch-size, --rounds, --images, --workers and --make-jpegs must be "
+                           ">= 1")
         if args.torchvision:
-            fail("--torchvision times training steps: it has no meaning with --loader")
-        return bench_loader(args)
+            raise RunError("--torchvision times training steps: it has no meaning with --loader")
+        bench_loader(args)
+        return 0
     args.batch_size = 32 if args.batch_size is None else args.batch_size
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -384,7 +381,7 @@ def main():
             twin = torchvision_twin(name, args.img_size)
             sizes = [sum(p.numel() for p in m.parameters()) for m in (twin, models[name])]
             if sizes[0] != sizes[1]:
-                sys.exit(f"bench.py: error: {name} and its torchvision twin differ in size {sizes}")
+                raise RunError(f"{name} and its torchvision twin differ in size {sizes}")
             models[f"{name} (torchvision)"] = twin
             pairs.append((f"{name} (torchvision)", name))
         paired = name.replace("vitc_", "vitp_")
@@ -400,7 +397,8 @@ def main():
     steps = {name: make_train_step(m, args.batch_size, args.img_size, amp=cuda,
                                    compile=args.compile) for name, m in models.items()}
     report(time_rounds(steps, args.rounds), args.batch_size, pairs, flops, peak)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(train.run_cli(main, "bench.py"))

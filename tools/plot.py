@@ -10,19 +10,12 @@ ends in an x. Needs matplotlib, which the rest of the project does not:
 pip install -r tools/requirements.txt.
 """
 
-import argparse
 import json
 import os
 import sys
 
-
-class ToolError(Exception):
-    """Bad input: reported as one line `SCRIPT: error: ...` and exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error
-        raise ToolError(message)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
 
 
 def read_jsonl(path):
@@ -32,7 +25,7 @@ def read_jsonl(path):
         with open(path) as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ToolError(f"{path}: cannot read it ({e})") from None
+        raise RunError(f"{path}: cannot read it ({e})") from None
     for i, line in enumerate(lines):
         try:
             record = json.loads(line)
@@ -41,7 +34,7 @@ def read_jsonl(path):
         if isinstance(record, dict):
             records.append(record)
         elif i < len(lines) - 1 or record is not None:
-            raise ToolError(f"{path}: line {i + 1} is not a JSON record")
+            raise RunError(f"{path}: line {i + 1} is not a JSON record")
     return records
 
 
@@ -50,22 +43,22 @@ def read_run(folder, need_log=True):
     record per epoch, plus a record with 'diverged' if the loss went non-finite), or None when
     there is no log.jsonl and `need_log` is False}."""
     if not os.path.isdir(folder):
-        raise ToolError(f"{folder}: no such folder")
+        raise RunError(f"{folder}: no such folder")
     log_path, args_path = (os.path.join(folder, f) for f in ("log.jsonl", "args.jsonl"))
     if not os.path.exists(log_path):
         if need_log:
-            raise ToolError(f"{folder}: no log.jsonl (not a train.py run folder, or its first "
+            raise RunError(f"{folder}: no log.jsonl (not a train.py run folder, or its first "
                             f"epoch has not ended)")
         log = None
     else:
         log = read_jsonl(log_path)
         if any(not isinstance(r.get("epoch"), int) for r in log):
-            raise ToolError(f"{log_path}: a record without its epoch: not train.py's log")
+            raise RunError(f"{log_path}: a record without its epoch: not train.py's log")
     invocations = read_jsonl(args_path) if os.path.exists(args_path) else []
     args = invocations[-1].get("args") if invocations else {}
     if not isinstance(args, dict) or args and not {"model", "optimizer", "lr", "wd",
                                                    "epochs"} <= args.keys():
-        raise ToolError(f"{args_path}: not train.py's arguments")
+        raise RunError(f"{args_path}: not train.py's arguments")
     return {"folder": folder, "args": args, "log": log}
 
 
@@ -84,7 +77,7 @@ def pyplot():
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ToolError("plots need matplotlib, which is optional: pip install -r "
+        raise RunError("plots need matplotlib, which is optional: pip install -r "
                         "tools/requirements.txt") from None
     return plt
 
@@ -121,7 +114,7 @@ def save_figure(fig, path):
     try:
         fig.savefig(path, dpi=120)
     except OSError as e:
-        raise ToolError(f"cannot write {path} ({e.strerror or e})") from None
+        raise RunError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
         pyplot().close(fig)
 
@@ -144,14 +137,5 @@ def main(argv=None):
     return 0
 
 
-def cli(main, name, argv=None):
-    """main() with bad input reported as one line and exit status 2."""
-    try:
-        return main(argv)
-    except ToolError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(cli(main, "plot.py"))
+    sys.exit(run_cli(main, "plot.py"))

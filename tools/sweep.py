@@ -37,10 +37,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
-from plot import (  # noqa: E402
-    Parser, ToolError, cli, plot_runs, pyplot, read_jsonl, read_run, save_figure)
+from plot import plot_runs, pyplot, read_jsonl, read_run, save_figure  # noqa: E402
 
 import train  # noqa: E402
+from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
 import vitc  # noqa: E402
 from bench import PAPER_EPOCH_MINUTES  # noqa: E402  (Table 1's minutes per epoch, 8 V100s)
 
@@ -82,10 +82,10 @@ def grid_settings(which, model, optimizer):
     """(lr, wd) of a grid run: Table 4 (left), or the peak runs' of section 6 (AdamW only)."""
     if which == "peak":
         if optimizer != "adamw":
-            raise ToolError("the peak runs (section 6) train every ViT with AdamW only")
-        return train.ADAMW[model.split("_")[1]]
+            raise RunError("the peak runs (section 6) train every ViT with AdamW only")
+        return train.paper_lr_wd(model, "adamw")
     if model not in STABILITY[optimizer]:
-        raise ToolError(f"Table 4 gives no {optimizer} lr/wd for {model} (only for the 1, 4 and "
+        raise RunError(f"Table 4 gives no {optimizer} lr/wd for {model} (only for the 1, 4 and "
                         f"18GF models; --settings peak has 36GF's AdamW lr/wd)")
     return STABILITY[optimizer][model]
 
@@ -99,7 +99,7 @@ def train_argv(model, optimizer, epochs, lr, wd, out, data, extra):
 def check_extra(extra):
     for token in extra:
         if token.split("=")[0] in SET_BY_SWEEP:
-            raise ToolError(f"{token.split('=')[0]} is set by sweep.py for each run (through its "
+            raise RunError(f"{token.split('=')[0]} is set by sweep.py for each run (through its "
                             f"own option, if it has one); pass only other train.py flags after --")
 
 
@@ -128,14 +128,14 @@ def plan_runs(args):
                                  args.extra)
         try:  # every command must be one train.py accepts, before any of them runs
             parsed = vars(train.parse_args(run["argv"]))
-        except train.RunError as e:
-            raise ToolError(f"train.py refuses the arguments of {run['name']}: {e}") from None
+        except RunError as e:
+            raise RunError(f"train.py refuses the arguments of {run['name']}: {e}") from None
         planned = {"model": run["model"], "optimizer": run["optimizer"], "epochs": run["epochs"],
                    "lr": run["lr"], "wd": run["wd"], "resume": "auto",
                    "out": os.path.join(args.out, run["name"])}
         changed = [k for k, v in planned.items() if parsed[k] != v]
         if changed:  # e.g. an abbreviated --ep or --mod after --, which argparse accepts
-            raise ToolError(f"the flags after -- change what the sweep sets: "
+            raise RunError(f"the flags after -- change what the sweep sets: "
                             f"{', '.join('--' + k for k in changed)}")
     return plan
 
@@ -161,7 +161,7 @@ def load_plan(folder):
         if not all(keys <= run.keys() for run in runs):
             raise ValueError("a run misses a setting")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ToolError(f"{path}: not a sweep written by tools/sweep.py ({e})") from None
+        raise RunError(f"{path}: not a sweep written by tools/sweep.py ({e})") from None
     return runs
 
 
@@ -177,7 +177,7 @@ def write_plan(args, plan):
     keys = ("name", "model", "optimizer", "epochs", "lr", "wd")
     if os.path.exists(path) and [[r[k] for k in keys] for r in load_plan(args.out)] != \
             [[r[k] for k in keys] for r in plan]:
-        raise ToolError(f"{args.out} holds another sweep (its sweep.json plans other runs or "
+        raise RunError(f"{args.out} holds another sweep (its sweep.json plans other runs or "
                         f"settings): choose another --out, or repeat that sweep's own command")
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -187,7 +187,7 @@ def write_plan(args, plan):
         with open(os.path.join(args.out, "commands.txt"), "w") as f:
             f.writelines(shlex.join(launcher(args.gpus) + run["argv"]) + "\n" for run in plan)
     except OSError as e:
-        raise ToolError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+        raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
 
 
 def gpu_hours(plan):
@@ -269,8 +269,8 @@ def launch_local(args, plan):
             if status == "failed":
                 failed.append(run["name"])
                 detail += f": {last_line(os.path.join(folder, 'output.log'))}"
-                if "in use by another train.py" in detail:  # an earlier sweep's run still lives
-                    raise ToolError(f"{run['name']}: {detail}")
+                if code == train.FolderInUse.status:  # an earlier sweep's run still lives
+                    raise RunError(f"{run['name']}: {detail}")
             result = f", error {error:.2f}%" if error is not None else f" ({detail})"
             print(f"{head}: {status}{result} in {seconds:.0f} s", flush=True)
     finally:
@@ -328,13 +328,13 @@ def write_slurm(args, plan):
         with open(path, "w") as f:
             f.write("\n".join(lines))
     except OSError as e:
-        raise ToolError(f"cannot write {path} ({e.strerror or e})") from None
+        raise RunError(f"cannot write {path} ({e.strerror or e})") from None
     return path
 
 
 def plan_command(args):
     if args.launch == "local" and args.data not in (None, "fake") and not os.path.isdir(args.data):
-        raise ToolError(f"--data {args.data}: no such folder")
+        raise RunError(f"--data {args.data}: no such folder")
     plan = plan_runs(args)
     write_plan(args, plan)
     for run in plan:
@@ -371,7 +371,7 @@ def planned(folder, need_log):
     """The settings of a run folder outside a sweep, from its args.jsonl."""
     args = read_run(folder, need_log)["args"]
     if not args:
-        raise ToolError(f"{folder}: no args.jsonl, so its model and settings are unknown")
+        raise RunError(f"{folder}: no args.jsonl, so its model and settings are unknown")
     return {"name": os.path.basename(os.path.normpath(folder)),
             **{k: args[k] for k in ("model", "optimizer", "epochs", "lr", "wd")}}
 
@@ -381,7 +381,7 @@ def find_runs(folder):
     (sweep.json), the run folders inside a folder, or the folder itself if it is a run (which
     then needs its log.jsonl)."""
     if not os.path.isdir(folder):
-        raise ToolError(f"{folder}: no such folder")
+        raise RunError(f"{folder}: no such folder")
     if os.path.exists(os.path.join(folder, "sweep.json")):
         return [(r, os.path.join(folder, r["name"])) for r in load_plan(folder)]
     if is_run(folder):
@@ -389,7 +389,7 @@ def find_runs(folder):
     subs = sorted(os.path.join(folder, d) for d in os.listdir(folder))
     runs = [(planned(d, need_log=False), d) for d in subs if is_run(d)]
     if not runs:
-        raise ToolError(f"{folder}: no runs (no sweep.json, and no train.py run folders in it)")
+        raise RunError(f"{folder}: no runs (no sweep.json, and no train.py run folders in it)")
     return runs
 
 
@@ -502,7 +502,7 @@ def report_command(args):
             plot_runs(started, [f"{r['model']} {r['optimizer']} {r['epochs']} ep"
                                 for r in started], os.path.join(out, "curves.png"))
             written.append(os.path.join(out, "curves.png"))
-    except ToolError as e:  # the tables above stand without the plots
+    except RunError as e:  # the tables above stand without the plots
         print(f"sweep.py: warning: no plots: {e}", file=sys.stderr)
     if written:
         print(f"\nwrote {' and '.join(written)}")
@@ -574,14 +574,14 @@ def parse_args(argv):
                         help="x range of edf.png, as Figures 4-5 (points of top-1 error)")
     args = p.parse_args(argv)
     if extra and args.command == "report":
-        raise ToolError("report takes no train.py flags")
+        raise RunError("report takes no train.py flags")
     if args.command == "report" and not (all(0 <= x < math.inf for x in args.thresholds)
                                          and 0 < args.edf_xmax < math.inf):
-        raise ToolError("--thresholds must be >= 0 and --edf-xmax > 0, all finite")
+        raise RunError("--thresholds must be >= 0 and --edf-xmax > 0, all finite")
     for name in ("lr_range", "wd_range"):
         low, high = getattr(args, name, None) or (1, 1)
         if not 0 < low <= high:
-            raise ToolError(f"--{name.replace('_', '-')} needs 0 < LOW <= HIGH, got {low} {high}")
+            raise RunError(f"--{name.replace('_', '-')} needs 0 < LOW <= HIGH, got {low} {high}")
     args.extra = extra
     return args
 
@@ -592,4 +592,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main, "sweep.py"))
+    sys.exit(run_cli(main, "sweep.py"))

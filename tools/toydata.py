@@ -17,6 +17,9 @@ import sys
 
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
+
 PATTERNS = ("hstripes", "vstripes", "disc", "gradient")
 
 
@@ -56,21 +59,19 @@ def make(root, train=80, val=50, size=40, seed=0):
                 draw_pattern(kind, rng, size).save(os.path.join(folder, f"{i}.png"))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("root", help="the folder to create (it must not exist)")
     p.add_argument("--train", type=int, default=80, help="train images per class")
     p.add_argument("--val", type=int, default=50, help="val images per class")
     p.add_argument("--size", type=int, default=40, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    error = (f"{args.root} exists: choose a new folder" if os.path.exists(args.root) else
-             "--train and --val must be at least 1 and --size at least 8"
-             if min(args.train, args.val) < 1 or args.size < 8 else None)
-    if error:  # one line and exit status 2, like the other tools' bad input
-        print(f"toydata.py: error: {error}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    if os.path.exists(args.root):
+        raise RunError(f"{args.root} exists: choose a new folder")
+    if min(args.train, args.val) < 1 or args.size < 8:
+        raise RunError("--train and --val must be at least 1 and --size at least 8")
     make(args.root, args.train, args.val, args.size, args.seed)
     print(f"wrote {args.root}: {4 * args.train} train and {4 * args.val} val images, "
           f"{args.size}x{args.size}, 4 classes")
@@ -78,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "toydata.py"))

@@ -1,0 +1,352 @@
+"""Tests of the tools (tools/*.py), which are not the paper: the input-pipeline benchmark, and the
+paper's stability experiments as commands (sweep.py, plot.py). CPU only; `python -m pytest -q`
+from the repository root runs them with test_vitc.py.
+
+Sections: the loader benchmark (bench.py --loader); sweep.py sample/grid/report/--launch and
+plot.py.
+"""
+
+import fcntl
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+import train  # noqa: E402
+from test_vitc import (  # noqa: E402, F401  (fixtures: a tiny ImageFolder, no files left behind)
+    HERE, data, load_tool, no_leftovers, read_jsonl, read_log)
+
+
+# ------------------------------------------------------------------------------------------------
+# tools/bench.py --loader: the input pipeline
+# ------------------------------------------------------------------------------------------------
+
+
+def test_loader_benchmark_times_each_stage_and_the_cores_a_gpu_needs(tmp_path):
+    bench = [sys.executable, str(HERE / "tools" / "bench.py"), "--loader"]
+    run = subprocess.run([*bench, str(tmp_path / "jpegs"), "--make-jpegs", "6", "--images", "4",
+                          "--rounds", "2", "--workers", "1", "--batch-size", "2", "--models",
+                          "vitp_1gf", "vitc_36gf"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "jpegs" / "train").glob("class_*/*.jpg"))) == 6
+    rates = dict(re.findall(r"^(read file bytes|PIL decode \+ convert RGB|torchvision.io."
+                            r"decode_jpeg|train pipeline \(ImageFiles\)) +([\d.]+)", run.stdout,
+                            re.M))
+    assert len(rates) == 4 and all(float(v) > 0 for v in rates.values()), run.stdout
+    # without CUDA the GPU's rate is the paper's: 1,281,167 images / (18.6 min x 60) / 8 V100s
+    cores = re.search(r"^vitc_36gf +143\.5 +([\d.]+) +(\d+)%", run.stdout, re.M)
+    assert cores and float(cores[1]) > 0, run.stdout
+    missing = subprocess.run([*bench, str(tmp_path / "missing")], capture_output=True, text=True)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
+        f"bench.py: error: --loader {tmp_path / 'missing'}: no such folder (--make-jpegs N "
+        f"generates one)"]
+
+
+
+# ------------------------------------------------------------------------------------------------
+# tools/sweep.py and tools/plot.py: the paper's stability experiments as commands
+# ------------------------------------------------------------------------------------------------
+
+plot = load_tool("plot")
+sweep = load_tool("sweep")
+try:
+    import matplotlib  # noqa: F401  (optional: only the PNGs need it)
+    HAS_MATPLOTLIB = True
+except ImportError:
+    HAS_MATPLOTLIB = False
+
+
+def run_tool(main, argv, capsys):
+    """(exit status, stdout, stderr lines) of a tool's main() run in-process, as its command
+    line runs it (train.run_cli, the one-line errors of every script)."""
+    capsys.readouterr()
+    code = train.run_cli(main, "tool.py", argv)
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def planned_argv(line):
+    """train.py's arguments in a printed command 'python .../train.py ARGS'."""
+    words = shlex.split(line)
+    assert words[0] == "python" and words[1].endswith("train.py"), line
+    return words[2:]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_sweep_draws_lr_and_wd_log_uniformly_within_table_4(optimizer):
+    draws = sweep.sample_settings(optimizer, 5000, seed=1)
+    for i, name in enumerate(("lr", "wd")):
+        low, high = sweep.RANGES[optimizer][name]
+        values = [d[i] for d in draws]
+        assert low <= min(values) and max(values) <= high
+        # the position of log(value) in [log low, log high] is uniform: mean 1/2, variance 1/12,
+        # a tenth of the draws in each tenth (a linear-uniform draw puts ~70% in the top tenth)
+        u = [(math.log(v) - math.log(low)) / (math.log(high) - math.log(low)) for v in values]
+        assert abs(np.mean(u) - 0.5) < 0.015 and abs(np.var(u) - 1 / 12) < 0.005
+        tenths = np.histogram(u, bins=10, range=(0, 1))[0] / len(u)
+        assert np.all(abs(tenths - 0.1) < 0.02), tenths
+    assert sweep.RANGES == {"adamw": {"lr": (2.5e-4, 8e-3), "wd": (0.02, 0.8)},
+                            "sgd": {"lr": (0.1, 3.2), "wd": (4e-6, 1.2e-4)}}
+
+
+def test_sweep_sample_prints_commands_train_py_accepts_the_same_for_a_seed(tmp_path, capsys):
+    argv = ["sample", "--model", "vitp_4gf", "--optimizer", "sgd", "--runs", "5", "--epochs",
+            "50", "--out", str(tmp_path / "s"), "--", "--batch-size", "1024"]
+    code, out, _ = run_tool(sweep.main, argv, capsys)
+    lines = [line for line in out.splitlines() if not line.startswith("#")]
+    assert code == 0 and len(lines) == 5 and len(set(lines)) == 5
+    assert "about 127 V100 GPU-hours" in out  # 5 runs x 50 epochs x 3.8 min x 8 GPUs / 60
+    manifest = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    for line, run in zip(lines, manifest["runs"]):
+        args = train.parse_args(planned_argv(line))
+        assert (args.model, args.optimizer, args.epochs, args.batch_size) == \
+            ("vitp_4gf", "sgd", 50, 1024)
+        assert (args.lr, args.wd) == (run["lr"], run["wd"]) and args.resume == "auto"
+        assert args.out == str(tmp_path / "s" / run["name"])
+    assert (tmp_path / "s" / "commands.txt").read_text().splitlines() == lines
+    assert run_tool(sweep.main, argv, capsys)[1] == out  # the same seed: the same sweep
+    code, _, err = run_tool(sweep.main, [*argv[:9], "--seed", "1", *argv[9:]], capsys)
+    assert code == 2 and "holds another sweep" in err[0]
+    other = run_tool(sweep.main, [*argv[:10], str(tmp_path / "t"), "--seed", "1"], capsys)[1]
+    assert other.count("--lr") == 5 and not set(re.findall(r"--lr \S+", other)) & \
+        set(re.findall(r"--lr \S+", out))
+
+
+def test_sweep_grid_runs_every_model_optimizer_and_length_at_table_4_settings(tmp_path, capsys):
+    argv = ["grid", "--models", "vitp_1gf", "vitc_18gf", "--optimizers", "adamw", "sgd",
+            "--epochs", "50", "400", "--out", str(tmp_path / "g")]
+    code, out, _ = run_tool(sweep.main, argv, capsys)
+    runs = {(a.model, a.optimizer, a.epochs): (a.lr, a.wd) for a in
+            (train.parse_args(planned_argv(line)) for line in out.splitlines()
+             if not line.startswith("#"))}
+    assert code == 0 and len(runs) == 8
+    assert runs["vitp_1gf", "adamw", 50] == runs["vitp_1gf", "adamw", 400] == (2e-3, 0.2)
+    assert runs["vitc_18gf", "sgd", 400] == (1.1, 2.7e-5)
+    code, _, err = run_tool(sweep.main, [*argv[:2], "vitc_36gf", *argv[3:]], capsys)
+    assert code == 2 and "no adamw lr/wd for vitc_36gf" in err[0]
+
+
+def write_run(folder, errors, settings=None, diverged=False):
+    """A run folder as train.py leaves it: log.jsonl with one record per epoch whose EMA top-1
+    error is errors[i], the last being epoch settings["epochs"] if given (and args.jsonl with
+    `settings`); a divergence marker at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first = (settings or {}).get("epochs", len(errors)) - len(errors) + 1
+    records = [{"epoch": first + e, "step": 10 * (first + e), "lr": 1e-3, "train_loss": 5.0 - e,
+                "val_top1": 99.0 - err, "ema_top1": 100.0 - err} for e, err in enumerate(errors)]
+    if diverged:
+        records.append({"epoch": len(errors) + 1, "step": 10 * len(errors) + 3, "diverged": "nan"})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if settings:
+        (folder / "args.jsonl").write_text(json.dumps({"args": settings}) + "\n")
+
+
+def test_sweep_report_counts_every_run_and_its_edf_is_exact(tmp_path, capsys):
+    out = tmp_path / "s"
+    run_tool(sweep.main, ["sample", "--model", "vitc_1gf", "--optimizer", "adamw", "--runs", "7",
+                          "--epochs", "2", "--out", str(out), "--", "--warmup-epochs", "0"],
+             capsys)
+    for i, errors in enumerate([[40, 30], [40, 31], [40, 33], [45, 37.5]]):
+        write_run(out / f"run-00{i}", errors)
+    write_run(out / "run-004", [60], diverged=True)  # loss went to NaN in epoch 2
+    write_run(out / "run-005", [70])  # crashed during epoch 2:
+    (out / "launch.jsonl").write_text(json.dumps({"run": "run-005", "exit": 1}) + "\n")
+    # run-006 never started
+    code, text, err = run_tool(sweep.main, ["report", str(out)], capsys)
+    assert code == 0, err
+    assert f"{out}: 7 runs: 4 finished, 1 diverged, 1 failed, 1 not started" in text
+    assert "run-004: diverged (loss nan at step 13)" in text and "run-005: failed (exit 1)" in text
+    # errors 30, 31, 33, 37.5 -> deltas 0, 1, 3, 7.5, over all 7 runs
+    assert "best error 30.00% (run-000: lr " in text
+    assert "x<=0.5: 0.14  x<=1: 0.29  x<=2: 0.29  x<=4: 0.43  x<=8: 0.57" in text
+    assert sweep.edf([30, 31, 33, 37.5], 7, 3) == 3 / 7
+    assert re.search(r"vitc_1gf +adamw +2 +7 +4 +30.00 +32.00", text)
+    if HAS_MATPLOTLIB:
+        for png in ("edf.png", "curves.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert err == ["sweep.py: warning: no plots: plots need matplotlib, which is optional: "
+                       "pip install -r tools/requirements.txt"]
+
+
+def test_sweep_report_tables_the_length_and_optimizer_gaps(tmp_path, capsys):
+    settings = {"model": "vitp_1gf", "lr": 2e-3, "wd": 0.2}
+    for optimizer, epochs, error in [("adamw", 50, 37.0), ("adamw", 100, 33.5),
+                                     ("adamw", 400, 27.7), ("sgd", 50, 40.0)]:
+        write_run(tmp_path / "runs" / f"{optimizer}-{epochs}", [error] * 2,
+                  dict(settings, optimizer=optimizer, epochs=epochs))
+    code, text, _ = run_tool(sweep.main, ["report", str(tmp_path / "runs")], capsys)
+    assert code == 0 and "4 runs: 4 finished" in text
+    assert re.search(r"vitp_1gf +adamw +50 ep: \+9\.30  100 ep: \+5\.80\n", text)  # Figure 2
+    assert re.search(r"vitp_1gf +50 ep: \+3\.00\n", text)  # Figure 3: SGD - AdamW
+    write_run(tmp_path / "runs" / "sgd-400", [50.0], dict(settings, optimizer="sgd", epochs=400),
+              diverged=True)  # as ViT_P often does with SGD at long schedules (Figure 3)
+    text = run_tool(sweep.main, ["report", str(tmp_path / "runs")], capsys)[1]
+    assert "sgd-400: diverged" in text
+    assert re.search(r"vitp_1gf +sgd +50 ep: -  \(no finished 400-epoch run to compare\)", text)
+
+
+def test_sweep_and_plot_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sweep.json").write_text('{"runs": [{"name": "a"}]}')
+    write_run(tmp_path / "no_log", [])
+    (tmp_path / "no_log" / "log.jsonl").unlink()
+    (tmp_path / "no_log" / "args.jsonl").write_text(json.dumps({"args": {
+        "model": "vitc_1gf", "optimizer": "adamw", "epochs": 2, "lr": 1e-3, "wd": 0.2}}) + "\n")
+    write_run(tmp_path / "garbage", [])
+    (tmp_path / "garbage" / "log.jsonl").write_bytes(b"\xff\xfe\x00")
+    write_run(tmp_path / "no_epoch", [])
+    (tmp_path / "no_epoch" / "log.jsonl").write_text('{"train_loss": 1}\n')
+    sample = ["sample", "--optimizer", "adamw", "--out", str(tmp_path / "s")]
+    for main, argv, message in [
+        (sweep.main, ["report", str(tmp_path / "empty")], "no runs"),
+        (sweep.main, ["report", str(tmp_path / "other")], "not a sweep written by"),
+        (sweep.main, ["report", str(tmp_path / "no_log")], "no log.jsonl"),
+        (plot.main, [str(tmp_path / "no_log")], "no log.jsonl"),
+        (plot.main, [str(tmp_path / "missing")], "no such folder"),
+        (plot.main, [str(tmp_path / "garbage")], "cannot read it"),
+        (plot.main, [str(tmp_path / "no_epoch")], "a record without its epoch"),
+        (sweep.main, ["report", str(tmp_path / "no_epoch"), "--thresholds", "-1"], ">= 0"),
+        (sweep.main, [*sample, "--model", "vitc_2gf"], "unknown model 'vitc_2gf'"),
+        (sweep.main, [*sample[:2], "adam", *sample[3:], "--model", "vitc_1gf"],
+         "invalid choice: 'adam'"),
+        (sweep.main, [*sample, "--model", "vitc_1gf", "--runs", "0"], "must be at least 1"),
+        (sweep.main, [*sample, "--model", "vitc_1gf", "--", "--lr", "1"], "--lr is set by"),
+        (sweep.main, [*sample, "--model", "vitc_1gf", "--", "--ep", "9", "--mod", "vitp_1gf"],
+         "the flags after -- change what the sweep sets: --model, --epochs"),
+        (sweep.main, [*sample, "--model", "vitc_1gf", "--", "--batch-size", "0"],
+         "train.py refuses the arguments of run-000"),
+    ]:
+        code, _, err = run_tool(main, argv, capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+        assert err[0].startswith("tool.py: error: ")
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is optional")
+def test_plot_draws_the_curves_of_runs(tmp_path, capsys):
+    settings = {"model": "vitc_1gf", "optimizer": "adamw", "epochs": 3, "lr": 1e-3, "wd": 0.24}
+    write_run(tmp_path / "a", [50, 40, 35], settings)
+    write_run(tmp_path / "b", [50, 45], dict(settings, lr=8e-3), diverged=True)
+    code, out, _ = run_tool(plot.main, [str(tmp_path / "a"), str(tmp_path / "b"),
+                                        "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 0 and out == f"wrote {tmp_path / 'c.png'}: 2 runs\n"
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot.unique_labels([plot.read_run(tmp_path / f) for f in "ab"]) == [
+        "vitc_1gf adamw lr 0.001 wd 0.24 3 ep", "vitc_1gf adamw lr 0.008 wd 0.24 3 ep"]
+
+
+def test_plots_without_matplotlib_say_how_to_get_it(tmp_path, capsys, monkeypatch):
+    write_run(tmp_path / "a", [50, 40], {"model": "vitc_1gf", "optimizer": "adamw",
+                                         "epochs": 2, "lr": 1e-3, "wd": 0.24})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    code, _, err = run_tool(plot.main, [str(tmp_path / "a")], capsys)
+    assert code == 2 and err == ["tool.py: error: plots need matplotlib, which is optional: "
+                                 "pip install -r tools/requirements.txt"]
+    code, text, err = run_tool(sweep.main, ["report", str(tmp_path / "a")], capsys)
+    assert code == 0 and "vitc_1gf" in text and "no plots: plots need matplotlib" in err[0]
+
+
+def test_sweep_launches_locally_resumes_and_reports(data, tmp_path, capsys):
+    """3 tiny runs of 2 epochs with --stop-after 1: the first launch ends each after one epoch,
+    the second resumes each to its end, the third finds them finished; then the report."""
+    out = tmp_path / "s"
+    argv = ["sample", "--model", "vitc_1gf", "--optimizer", "adamw", "--runs", "3", "--epochs",
+            "2", "--out", str(out), "--data", str(data), "--launch", "local", "--",
+            "--img-size", "32", "--batch-size", "8", "--warmup-epochs", "0", "--workers", "0",
+            "--precise-bn", "8", "--stop-after", "1"]
+    code, text, _ = run_tool(sweep.main, argv, capsys)
+    assert code == 0 and text.count("unfinished (1 of 2 epochs)") == 3, text
+    code, text, _ = run_tool(sweep.main, argv, capsys)
+    assert code == 0 and text.count(": finished, error ") == 3, text
+    for run in ("run-000", "run-001", "run-002"):
+        assert [r["epoch"] for r in read_log(out / run)] == [1, 2]
+        starts = [e["resolved"]["start_step"] for e in read_jsonl(out / run / "args.jsonl")]
+        assert starts == [0, 3]  # the second launch resumed where the first stopped
+    code, text, _ = run_tool(sweep.main, argv, capsys)
+    assert code == 0 and text.count("finished earlier, error ") == 3, text
+    assert len(read_jsonl(out / "launch.jsonl")) == 6
+    code, text, _ = run_tool(sweep.main, ["report", str(out)], capsys)
+    assert code == 0 and f"{out}: 3 runs: 3 finished" in text and "EDF" in text
+
+
+def test_a_signal_stops_the_local_sweep_after_its_run_checkpoints(tmp_path):
+    out = tmp_path / "s"
+    cmd = [sys.executable, str(HERE / "tools" / "sweep.py"), "sample", "--model", "vitc_1gf",
+           "--optimizer", "adamw", "--runs", "2", "--epochs", "1", "--out", str(out), "--data",
+           "fake", "--launch", "local", "--", "--img-size", "32", "--batch-size", "8",
+           "--fake-size", "4000", "--warmup-epochs", "0", "--workers", "0"]
+    sweep_process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    started = out / "run-000" / "args.jsonl"  # written once the run has started
+    for _ in range(600):
+        if started.exists() or sweep_process.poll() is not None:
+            break
+        time.sleep(0.1)
+    sweep_process.send_signal(signal.SIGTERM)  # as a scheduler would: to the sweep alone
+    text, _ = sweep_process.communicate(timeout=120)
+    assert sweep_process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in text
+    assert (out / "run-000" / "checkpoint.pt").exists() and not (out / "run-000" / "log.jsonl"
+                                                                  ).exists()  # mid-epoch
+    assert "SIGTERM: finishing the current step" in (out / "run-000" / "output.log").read_text()
+    assert not (out / "run-001").exists()  # the sweep went no further
+
+
+def test_sweep_grid_plans_each_run_once_and_refuses_nothing_it_should_not(tmp_path, capsys):
+    argv = ["grid", "--models", "vitp_1gf", "vitp_1gf", "--epochs", "50", "50", "100", "--out",
+            str(tmp_path / "g")]
+    code, out, _ = run_tool(sweep.main, argv, capsys)
+    assert code == 0 and out.count("train.py") == 2  # duplicates given once
+    again = [*argv, "--", "--workers", "4"]  # a flag train.py lets a resumed run change
+    assert run_tool(sweep.main, again, capsys)[0] == 0
+    assert "--workers 4" in (tmp_path / "g" / "commands.txt").read_text()
+    launch = {"exit": 1, "signalled": True}  # stopped by the user: not a failure
+    assert sweep.run_status({"epochs": 50}, {"args": {}, "log": []}, launch)[0] == "unfinished"
+    assert sweep.run_status({"epochs": 50}, {"args": {}, "log": []}, {"exit": 1})[0] == "failed"
+
+
+def test_sweep_slurm_script_holds_a_task_per_run_still_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["sample", "--model", "vitc_1gf", "--optimizer", "adamw", "--runs", "3", "--out",
+            "my sweep", "--data", "/nowhere/imagenet", "--gpus", "8", "--launch", "slurm",
+            "--sbatch=--time=2:00:00"]
+    code, out, _ = run_tool(sweep.main, argv, capsys)
+    assert code == 0 and "# submit with: sbatch 'my sweep/sweep.sbatch'" in out
+    write_run(tmp_path / "my sweep" / "run-001", [30.0] * 50)  # finished since
+    run_tool(sweep.main, argv, capsys)
+    script = (tmp_path / "my sweep" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0,2\n" in script and "#SBATCH --gpus-per-node=8\n" in script
+    assert "#SBATCH --time=2:00:00\n" in script
+    dry = script.replace('eval "exec ', 'eval "printf \'%s\\n\' ')  # print the argv, run nothing
+    words = subprocess.run(["bash", "-c", dry], env=dict(os.environ, SLURM_ARRAY_TASK_ID="2"),
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert words[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert words[words.index("--out") + 1] == "my sweep/run-002"  # one word, space and all
+    assert train.parse_args(words[words.index(str(HERE / "train.py")) + 1:]).epochs == 50
+
+
+def test_a_locked_run_folder_stops_the_sweep_by_its_exit_status(tmp_path, capsys):
+    # train.py exits with status 3 on a folder locked by a live train.py (an earlier sweep's run
+    # still going): the sweep stops there instead of counting a failure and going on.
+    out = tmp_path / "s"
+    (out / "run-000").mkdir(parents=True)
+    argv = ["sample", "--model", "vitp_1gf", "--optimizer", "adamw", "--runs", "2", "--epochs",
+            "1", "--out", str(out), "--data", "fake", "--launch", "local", "--", "--img-size",
+            "32", "--batch-size", "8", "--fake-size", "16", "--warmup-epochs", "0", "--workers",
+            "0"]
+    with open(out / "run-000" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run_tool(sweep.main, argv, capsys)
+    assert code == 2 and err[-1].startswith("tool.py: error: run-000: exit 3: ")
+    assert "in use by another train.py" in err[-1] and not (out / "run-001").exists()
+    assert read_jsonl(out / "launch.jsonl")[0]["exit"] == train.FolderInUse.status == 3
