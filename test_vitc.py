@@ -387,6 +387,15 @@ def test_wrong_input_size_names_both_sizes():
         small("vitc_1gf")(torch.randn(1, 3, 64, 48))
 
 
+def test_both_stems_refuse_an_image_that_is_not_a_multiple_of_their_stride():
+    # At 100 px a padded conv stem would give a 7x7 grid and patchify 6x6: neither is silent.
+    conv, patchify = vitc.ConvStem(64, (8, 16, 32, 64), (2, 2, 2, 2)), vitc.PatchifyStem(64)
+    for stem, name in ((conv, "ConvStem"), (patchify, "PatchifyStem")):
+        with pytest.raises(ValueError, match=f"^{name}: a 100x96 input is not a multiple of"):
+            stem(torch.randn(1, 3, 100, 96))
+        assert stem(torch.randn(1, 3, 96, 112)).shape == (1, 64, 6, 7)
+
+
 def test_create_model_rejects_unknown_names_and_sizes():
     with pytest.raises(ValueError, match="vitp_1gf, vitp_4gf.*vitc_36gf"):
         vitc.create_model("vit_b16")
@@ -884,6 +893,9 @@ def test_bad_arguments_fail_with_one_line(data, tmp_path, capsys):
     assert "--lighting" in run_failing(tiny(data, tmp_path, "--lighting", "-0.1"), capsys)
     assert "--precise-bn" in run_failing(tiny(data, tmp_path, "--precise-bn", "-1"), capsys)
     assert "multiple of 16" in run_failing(tiny(data, tmp_path, "--img-size", "40"), capsys)
+    err = run_failing(tiny(data, tmp_path, "--img-size", "100"), capsys)
+    assert err.endswith("--img-size 100 is not a multiple of 16 (the stems' stride): the nearest "
+                        "are 96 and 112")
     (tmp_path / "file").write_text("")
     assert "not a folder" in run_failing(tiny(data, tmp_path / "file"), capsys)
 

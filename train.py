@@ -7,12 +7,12 @@
 The defaults are the paper's peak runs (section 6) with the official trainer's details (pycls,
 branch vitconfigs); the README's recipe table says where each setting comes from, and the conv
 stem itself is vitc.ConvStem. Read top-down: RECIPE (every constant), the arguments, main() (the
-run in outline), train_one_epoch() (the step), then the recipe's pieces: data, AutoAugment v0,
-lighting, mixup/CutMix, EMA, precise BN, evaluation. Below the "Machinery" banner is what keeps a
-long run safe and changes nothing that is learned: checkpoints and exact resume, ranks agreeing,
-run folders, signals, unreadable files, one-line errors. A run writes runs/MODEL-DATE-TIME (or
---out DIR): args.jsonl, log.jsonl, checkpoint.pt, best.pt; --out DIR --resume auto continues it.
-Measured so far on CPUs only: no ImageNet run has been made with this file yet.
+run in outline), train_one_epoch() (the step), then the recipe's pieces: model and optimizer,
+AutoAugment v0, data, lighting, mixup/CutMix, EMA, precise BN, evaluation. Below the "Machinery"
+banner is what keeps a long run safe and changes nothing that is learned: checkpoints and exact
+resume, ranks agreeing, run folders, signals, unreadable files, one-line errors. A run writes
+runs/MODEL-DATE-TIME (or --out DIR): args.jsonl, log.jsonl, checkpoint.pt, best.pt; --out DIR
+--resume auto continues it. Run so far on CPUs only: no ImageNet run has been made with it yet.
 """
 
 import argparse
@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
@@ -80,7 +81,8 @@ EIGVAL = (0.2175, 0.0188, 0.0045)
 EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 # Regularisation: one of mixup (alpha 0.8) or CutMix (alpha 1.0) per batch, mixup with
-# probability MIXUP_CHOICE, drawn once per global batch; label smoothing 0.1 on the mixed targets.
+# probability MIXUP_CHOICE (each rank draws for its share of the batch: a deviation, see the
+# README); label smoothing 0.1 on the mixed targets.
 MIXUP_ALPHA, CUTMIX_ALPHA, MIXUP_CHOICE = 0.8, 1.0, 0.5
 LABEL_SMOOTHING = 0.1
 
@@ -239,8 +241,8 @@ def train_one_epoch(run, epoch):
                 monitor.count_unreadable(bad, labels)
                 images, labels = to_device(images, labels, device, args.lighting)  # lighting
                 images, targets = run.mix(images, labels) if run.mix else (images, labels)
-                last = micro_step == args.accum_steps - 1 or run.world_size == 1
-                with contextlib.nullcontext() if last else run.train_model.no_sync():
+                sync = micro_step == args.accum_steps - 1 or run.world_size == 1
+                with contextlib.nullcontext() if sync else run.train_model.no_sync():
                     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                         logits = run.train_model(images)
                     # Label smoothing here and only here, also on mixed (soft) targets.
@@ -272,6 +274,9 @@ def build_run(args, rank, world_size, device):
                        f"{world_size} x --accum-steps {args.accum_steps}")
     if args.train_precision is None:  # bf16 autocast on CUDA, fp32 on the CPU
         args.train_precision = "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":  # TF32 matmuls and convolutions (fp32 evaluation turns them off)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     run = argparse.Namespace(args=args, rank=rank, world_size=world_size, device=device,
                              stop_signal=None, stopped=False, lr=None, progress=new_progress(),
                              lock=None)
@@ -640,8 +645,7 @@ def evaluate_epoch(run, record):
 def check_numbers(args):
     """Every number the run depends on, checked before anything starts."""
     checks = {
-        "--img-size must be a positive multiple of 16":
-            args.img_size >= 16 and args.img_size % 16 == 0,
+        "--img-size must be a multiple of 16, at least 16": args.img_size >= 16,
         "--epochs, --batch-size and --accum-steps must be at least 1":
             min(args.epochs, args.batch_size, args.accum_steps) >= 1,
         "need 0 <= --warmup-epochs < --epochs": 0 <= args.warmup_epochs < args.epochs,
@@ -661,6 +665,10 @@ def check_numbers(args):
     for message, ok in checks.items():
         if not ok:
             raise RunError(message)
+    if args.img_size % 16:  # >= 16 by now
+        low = args.img_size // 16 * 16
+        raise RunError(f"--img-size {args.img_size} is not a multiple of 16 (the stems' stride): "
+                       f"the nearest are {low} and {low + 16}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -681,9 +689,6 @@ def distributed():
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     try:
         yield rank, world_size, device
         if dist.is_initialized():  # a clean end: without it, gloo's teardown can hang on torch 2.4
@@ -897,6 +902,7 @@ def report_stop(run, why=None):
 
 
 def report_done(run, nothing_to_do):
+    """The run's last line: its best top-1 and where its files are."""
     args = run.args
     if run.rank != 0:
         return
@@ -966,6 +972,9 @@ class Monitor:
         return (run.step % CHECK_EVERY == 0 or epoch_end) and self.read(epoch_end)
 
     def read(self, epoch_end):
+        """The one read of the figures kept since the last: all-reduced over ranks, then checked
+        step by step (files given up on, unreadable images, a non-finite loss) and added to
+        run.progress. Returns True when any rank was asked to stop."""
         run, progress, n = self.run, self.run.progress, len(self.losses)
         counts = torch.tensor([*self.unreadable, *self.blanks, float(run.stop_signal is not None)])
         stats = torch.cat([torch.stack(self.losses).float(), counts.to(run.device)])
@@ -1212,6 +1221,8 @@ def check_resume(run, ckpt, path):
 
 
 def restore(run, ckpt):
+    """Weights, EMA, optimizer, schedule, position, best top-1, the epoch's figures so far and
+    (on as many ranks as wrote it) this rank's RNG state, from a checked checkpoint."""
     run.model.load_state_dict(ckpt["model"])
     if run.ema is not None:  # a run that had no EMA starts one from the weights
         run.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
@@ -1262,6 +1273,8 @@ def append_line(path, record):
 
 
 def on_signal(run):
+    """The SIGINT/SIGTERM handler: the first signal asks the run to stop at the next check, with
+    a checkpoint; a second aborts."""
     main_process = os.getpid()
 
     def handler(signum, frame):
@@ -1330,7 +1343,8 @@ class OneLineErrors(ErrorHandler):
 def cli(argv=None):
     """train.py's entry point: main() with one-line errors, also as torchrun's root cause."""
     under_torchrun = "TORCHELASTIC_ERROR_FILE" in os.environ
-    return run_cli(record(main, OneLineErrors()) if under_torchrun else main, "train.py", argv)
+    entry = record_errors(main, OneLineErrors()) if under_torchrun else main
+    return run_cli(entry, "train.py", argv)
 
 
 if __name__ == "__main__":

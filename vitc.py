@@ -40,6 +40,9 @@ class PatchifyStem(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
+        if x.shape[-2] % self.stride or x.shape[-1] % self.stride:  # would drop a partial patch
+            raise ValueError(f"PatchifyStem: a {x.shape[-2]}x{x.shape[-1]} input is not a "
+                             f"multiple of the patch size {self.stride}")
         return self.proj(x)  # (B, dim, H / patch_size, W / patch_size)
 
 
@@ -75,6 +78,10 @@ class ConvStem(nn.Module):
         self.layers = nn.Sequential(*layers, last)
 
     def forward(self, x):
+        if x.shape[-2] % self.stride or x.shape[-1] % self.stride:  # padding would round it up
+            raise ValueError(f"ConvStem: a {x.shape[-2]}x{x.shape[-1]} input is not a multiple "
+                             f"of the stem's stride {self.stride}, so its grid would not be a "
+                             f"patchify stem's")
         return self.layers(x)  # (B, dim, H / stride, W / stride)
 
 
