@@ -929,6 +929,20 @@ def test_a_new_run_never_overwrites_an_old_one(data, full_run, capsys):
     assert (full_run / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_finished_run_can_drop_its_checkpoint_and_a_stopped_one_keeps_it(data, tmp_path,
+                                                                          capsys):
+    argv = tiny(data, tmp_path, "--no-keep-checkpoint", "--precise-bn", "0")
+    assert train.cli([*argv, "--stop-after", "1"]) == 0
+    assert (tmp_path / "checkpoint.pt").exists()  # stopped before its end: kept, to resume
+    assert train.cli([*argv, "--resume", "auto"]) == 0
+    assert not (tmp_path / "checkpoint.pt").exists()  # finished: dropped
+    assert (tmp_path / "best.pt").exists() and [r["epoch"] for r in read_log(tmp_path)] == [1, 2]
+    assert len(read_jsonl(tmp_path / "args.jsonl")) == 2
+    err = run_failing([*argv, "--resume", "auto"], capsys)  # never a new run over its logs
+    assert "holds a run's log.jsonl but no checkpoint.pt (dropped when the run finished" in err
+    assert [r["epoch"] for r in read_log(tmp_path)] == [1, 2]
+
+
 def test_warmup_rounding_never_reaches_the_last_step(data, tmp_path):
     # 3 steps in all; 0.9 warmup epochs round to 3 steps, clipped to 2 so the cosine keeps a step
     assert train.cli(tiny(data, tmp_path, "--epochs", "1", "--warmup-epochs", "0.9")) == 0

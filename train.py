@@ -166,6 +166,10 @@ def parse_args(argv):
                    "OUT/checkpoint.pt if there is one (needs --out)")
     g.add_argument("--stop-after", type=int, help="train at most N epochs in this invocation, "
                    "then checkpoint and exit (for job time limits; continue with --resume auto)")
+    g.add_argument("--keep-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep checkpoint.pt once the run has finished; --no-keep-checkpoint "
+                        "deletes it then, keeping best.pt, log.jsonl and args.jsonl (all that "
+                        "a sweep's report needs); a run stopped before its end keeps it")
     g.add_argument("--fake-size", type=int, default=2048, help="--data fake: train images")
     args = p.parse_args(argv)
     args.model = args.model or f"vit{args.stem[0]}_{args.size}"
@@ -216,6 +220,8 @@ def main(argv=None):
                         and run.epoch < args.epochs:
                     return report_stop(run, f"stopped after {args.stop_after} epochs as asked "
                                             f"(--stop-after)")
+            if not args.keep_checkpoint:
+                drop_checkpoint(run)  # the run is finished: its logs and best.pt remain
             report_done(run, nothing_to_do=first_epoch == args.epochs)
     return 0
 
@@ -804,6 +810,10 @@ def check_out(args):
                        f"choose another --out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise RunError(f"--out {args.out}: exists and is not a folder")
+    if not os.path.exists(checkpoint_file(args)) and logged_epochs(args.out):
+        raise RunError(f"{args.out} holds a run's log.jsonl but no checkpoint.pt (dropped when "
+                       f"the run finished, with --no-keep-checkpoint): there is nothing to "
+                       f"resume; choose another --out")
 
 
 @contextlib.contextmanager
@@ -1164,6 +1174,23 @@ def save_checkpoint(run):
         "epoch": run.epoch, "step": run.step, "steps_per_epoch": run.steps_per_epoch,
         "best": list(run.best), "args": vars(run.args), "progress": run.progress,
         "rng": states}, checkpoint_file(run.args)))
+
+
+def drop_checkpoint(run):
+    """Deletes OUT/checkpoint.pt of a finished run (--no-keep-checkpoint)."""
+    def drop():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(checkpoint_file(run.args))
+    on_rank_0(run, drop)
+
+
+def logged_epochs(folder):
+    """The number of whole epochs in FOLDER/log.jsonl (0 if it has none, or no such file)."""
+    try:
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            return sum('"train_loss"' in line for line in f)
+    except OSError:
+        return 0
 
 
 def save_best(run, model, top1):

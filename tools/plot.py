@@ -82,18 +82,17 @@ def pyplot():
     return plt
 
 
-def plot_runs(runs, labels, path):
-    """Train loss and val / EMA top-1 against epoch; runs with the same label share a colour
-    and one legend entry. Writes `path` (PNG)."""
+def plot_runs(runs, labels, path, groups=None, note=None):
+    """Train loss and val / EMA top-1 against epoch, a colour and a legend entry per run; with
+    `groups` (a key per run), each group in shades of its own colour; `note` above both. Writes
+    `path` (PNG)."""
     plt = pyplot()
-    fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {}
-    for run, label in zip(runs, labels):
-        first = label not in colours
-        colour = colours.setdefault(label, f"C{len(colours) % 10}")
+    fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    colours = run_colours(plt, groups) if groups else [f"C{i % 10}" for i in range(len(runs))]
+    for run, label, colour in zip(runs, labels, colours):
         epochs = [r for r in run["log"] or [] if "train_loss" in r]
         loss_ax.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs],
-                     color=colour, label=label if first else None)
+                     color=colour, label=label)
         for key, style in (("val_top1", "-"), ("ema_top1", "--")):
             points = [(r["epoch"], r[key]) for r in epochs if key in r]
             if points:
@@ -102,11 +101,48 @@ def plot_runs(runs, labels, path):
         if diverged and epochs:  # the last logged loss, marked where the run stopped
             loss_ax.plot(diverged[-1]["epoch"], epochs[-1]["train_loss"], "x", color=colour,
                          markersize=10)
-    loss_ax.set(xlabel="epoch", ylabel="train loss", title="train loss")
+    loss_ax.set(xlabel="epoch", ylabel="train loss", title="train loss (x: diverged)")
     top1_ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="val top-1: model -, EMA --")
-    if colours and len(colours) <= 20:
-        loss_ax.legend(fontsize="small")
+    if len(runs) <= 32:
+        loss_ax.legend(fontsize="x-small", title="lr quoted at batch 2048",
+                       title_fontsize="x-small", ncol=1 + len(runs) // 12)
+    if note:
+        fig.suptitle(note, fontsize="medium")
     save_figure(fig, path)
+
+
+def run_colours(plt, groups):
+    """A colour per run: one colour map per group (blues, oranges, ...), a shade per run in it."""
+    maps = ["Blues", "Oranges", "Greens", "Reds", "Purples", "Greys"]
+    members = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    colours = [None] * len(groups)
+    for g, indices in enumerate(members.values()):
+        cmap = plt.get_cmap(maps[g % len(maps)])
+        for k, i in enumerate(indices):  # from mid to full strength: never near white
+            colours[i] = cmap(0.45 + 0.55 * k / max(1, len(indices) - 1))
+    return colours
+
+
+def data_note(runs):
+    """A title for runs on tools/toydata.py's images ('toy data: ...'), or None."""
+    marks = set()
+    for run in runs:
+        data = (run["args"] or {}).get("data")
+        path = os.path.join(data, "toydata.json") if isinstance(data, str) else ""
+        try:
+            with open(path) as f:
+                toy = json.load(f)
+            marks.add((toy["train_images"], toy["val_images"], toy["size"], toy["classes"],
+                       run["args"].get("img_size")))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not all on toy data
+    if len(marks) != 1:
+        return None
+    train, val, size, classes, img_size = marks.pop()
+    return (f"toy data (tools/toydata.py), not ImageNet: {train} train / {val} val images of "
+            f"{size}x{size} px, {classes} classes, trained at {img_size}x{img_size}")
 
 
 def save_figure(fig, path):
@@ -132,7 +168,7 @@ def main(argv=None):
     parser.add_argument("--out", default="curves.png", help="the PNG to write")
     args = parser.parse_args(argv)
     runs = [read_run(folder) for folder in args.runs]
-    plot_runs(runs, unique_labels(runs), args.out)
+    plot_runs(runs, unique_labels(runs), args.out, note=data_note(runs))
     print(f"wrote {args.out}: {len(runs)} runs")
     return 0
 

@@ -7,7 +7,7 @@
     # per-model lr/wd of Table 4 (left)
     python tools/sweep.py grid --models vitp_1gf vitc_1gf --optimizers adamw sgd \\
         --epochs 50 100 200 400 --out runs/length-1gf --data /imagenet [--launch ...]
-    # errors, EDFs, the paper's tables; edf.png and curves.png
+    # errors, EDFs, the paper's tables; runs/sweep-c1+sweep-p1-edf.png and -curves.png
     python tools/sweep.py report runs/sweep-c1 runs/sweep-p1
 
 `sample` and `grid` write SWEEP/sweep.json (every run: name, model, optimizer, epochs, lr, wd and
@@ -37,7 +37,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
-from plot import plot_runs, pyplot, read_jsonl, read_run, save_figure  # noqa: E402
+from plot import data_note, plot_runs, pyplot, read_jsonl, read_run, save_figure  # noqa: E402
 
 import train  # noqa: E402
 from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
@@ -90,9 +90,11 @@ def grid_settings(which, model, optimizer):
     return STABILITY[optimizer][model]
 
 
-def train_argv(model, optimizer, epochs, lr, wd, out, data, extra):
+def train_argv(model, optimizer, epochs, lr, wd, out, data, extra, keep_checkpoint=False):
     argv = ["--model", model, "--optimizer", optimizer, "--epochs", str(epochs), "--lr", f"{lr:g}",
             "--wd", f"{wd:g}", "--out", out, "--resume", "auto"]
+    if not keep_checkpoint:  # a finished run's report and plots need only its logs
+        argv.append("--no-keep-checkpoint")
     return argv + (["--data", data] if data else []) + list(extra)
 
 
@@ -125,7 +127,7 @@ def plan_runs(args):
     for run in plan:
         run["argv"] = train_argv(run["model"], run["optimizer"], run["epochs"], run["lr"],
                                  run["wd"], os.path.join(args.out, run["name"]), args.data,
-                                 args.extra)
+                                 args.extra, args.keep_checkpoints)
         try:  # every command must be one train.py accepts, before any of them runs
             parsed = vars(train.parse_args(run["argv"]))
         except RunError as e:
@@ -340,9 +342,9 @@ def plan_command(args):
     for run in plan:
         print(shlex.join(launcher(args.gpus) + run["argv"]))
     hours = gpu_hours(plan)
-    print(f"# {len(plan)} runs, {sum(r['epochs'] for r in plan)} epochs in all: about "
-          f"{hours:,.0f} V100 GPU-hours at the paper's ImageNet epoch times (Table 1, 8 V100s); "
-          f"plan in {os.path.join(args.out, 'sweep.json')}", flush=True)
+    print(f"# {len(plan)} runs, {sum(r['epochs'] for r in plan)} epochs in all; the same plan "
+          f"on ImageNet-1k would take about {hours:,.0f} V100 GPU-hours (Table 1's epoch times, "
+          f"8 V100s); plan in {os.path.join(args.out, 'sweep.json')}", flush=True)
     if args.launch == "local":
         return launch_local(args, plan)
     if args.launch == "slurm":
@@ -470,18 +472,31 @@ def print_tables(runs):
             print(f"  {m:<10} {e:>4} ep: {best[m, 'sgd', e] - best[m, 'adamw', e]:+.2f}")
 
 
-def plot_edfs(curves, path, xmax=10):
+def plot_edfs(curves, path, xmax=10, note=None):
     """Figure 4's style: for each sweep, the fraction of its runs with error - best <= x."""
-    fig, ax = pyplot().subplots(figsize=(6, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 5))
     for label, errors, total in curves:
         deltas = sorted(e - min(errors) for e in errors)
         ys = [(i + 1) / total for i in range(len(deltas))]  # runs within each delta
         ax.step([0.0, *deltas, xmax], [0.0, *ys, ys[-1]], where="post",
                 label=f"{label}, {len(errors)}/{total} finished")
-    ax.set(xlim=(-0.02 * xmax, xmax), ylim=(0, 1.03), ylabel="fraction of runs",
-           xlabel="top-1 error minus the best run's (points)", title="lr/wd stability (EDF)")
+    ax.set(xlim=(-0.02 * xmax, xmax), ylim=(0, 1.03),
+           ylabel="fraction of runs with error − best error ≤ x",
+           xlabel="x: top-1 error minus the best run's (points)",
+           title="lr/wd stability: the empirical distribution (EDF) of each sweep's errors")
     ax.legend(fontsize="small")
+    if note:
+        fig.suptitle(note, fontsize="small")
     save_figure(fig, path)
+
+
+def figure_paths(args):
+    """Where report's two PNGs go: --out, or beside the first folder compared, named after the
+    folders (runs/a+runs/b -> runs/a+b-edf.png and runs/a+b-curves.png)."""
+    names = [os.path.basename(os.path.normpath(os.path.abspath(f))) for f in args.folders]
+    where = args.out or os.path.dirname(os.path.normpath(os.path.abspath(args.folders[0])))
+    stem = os.path.join(where, "+".join(dict.fromkeys(names)))
+    return f"{stem}-edf.png", f"{stem}-curves.png"
 
 
 def report_command(args):
@@ -491,17 +506,20 @@ def report_command(args):
         curves += print_sweep(folder, runs, args.thresholds)
         every += runs
     print_tables(every)
-    out = args.out or args.folders[0]
     started = [r for r in every if r["log"]]
+    edf_path, curves_path = figure_paths(args)
     written = []
     try:
+        note = data_note([read_run(r["folder"], need_log=False) for r in started])
         if curves:
-            plot_edfs(curves, os.path.join(out, "edf.png"), args.edf_xmax)
-            written.append(os.path.join(out, "edf.png"))
+            plot_edfs(curves, edf_path, args.edf_xmax, note)
+            written.append(edf_path)
         if started:
-            plot_runs(started, [f"{r['model']} {r['optimizer']} {r['epochs']} ep"
-                                for r in started], os.path.join(out, "curves.png"))
-            written.append(os.path.join(out, "curves.png"))
+            plot_runs(started, [f"{r['model']} {r['name']}: lr {r['lr']:.4g} wd {r['wd']:.4g}"
+                                for r in started], curves_path,
+                      groups=[(r["model"], r["optimizer"], r["epochs"]) for r in started],
+                      note=note)
+            written.append(curves_path)
     except RunError as e:  # the tables above stand without the plots
         print(f"sweep.py: warning: no plots: {e}", file=sys.stderr)
     if written:
@@ -555,6 +573,10 @@ def parse_args(argv):
     for s in (sample, grid):
         s.add_argument("--out", required=True, help="the sweep's folder")
         s.add_argument("--data", help="train.py's --data (default: train.py's, $IMAGENET)")
+        s.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep each finished run's checkpoint.pt (by default train.py deletes "
+                            "it when the run finishes: report and plot need only the logs, and "
+                            "best.pt stays; a run stopped before its end keeps its checkpoint)")
         s.add_argument("--launch", choices=["local", "slurm"],
                        help="local: run the commands one after another; slurm: write a job "
                             "array script (default: only print the commands)")
@@ -566,8 +588,8 @@ def parse_args(argv):
     report = sub.add_parser("report", help="errors, EDFs and curves of finished sweeps")
     report.add_argument("folders", nargs="+", metavar="FOLDER",
                         help="sweep folders, folders of run folders, or run folders")
-    report.add_argument("--out", help="where edf.png and curves.png go (default: the first "
-                                      "FOLDER)")
+    report.add_argument("--out", help="the folder for the two PNGs, named after the FOLDERs "
+                                      "compared (default: the folder the first FOLDER is in)")
     report.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS),
                         help="the x (top-1 error points) at which the EDF is printed")
     report.add_argument("--edf-xmax", type=float, default=10,

@@ -171,12 +171,53 @@ def test_sweep_report_counts_every_run_and_its_edf_is_exact(tmp_path, capsys):
     assert "x<=0.5: 0.14  x<=1: 0.29  x<=2: 0.29  x<=4: 0.43  x<=8: 0.57" in text
     assert sweep.edf([30, 31, 33, 37.5], 7, 3) == 3 / 7
     assert re.search(r"vitc_1gf +adamw +2 +7 +4 +30.00 +32.00", text)
-    if HAS_MATPLOTLIB:
-        for png in ("edf.png", "curves.png"):
-            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if HAS_MATPLOTLIB:  # beside the sweep, named after it
+        for png in ("s-edf.png", "s-curves.png"):
+            assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert err == ["sweep.py: warning: no plots: plots need matplotlib, which is optional: "
                        "pip install -r tools/requirements.txt"]
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is optional")
+def test_report_figures_go_beside_the_sweeps_and_explain_themselves(tmp_path, capsys,
+                                                                    monkeypatch):
+    toy = tmp_path / "toy"
+    load_tool("toydata").make(toy, train=2, val=1, size=8)
+    settings = {"optimizer": "adamw", "epochs": 1, "wd": 0.1, "data": str(toy), "img_size": 32}
+    for model, errors in (("vitp_1gf", [30, 35, 50]), ("vitc_1gf", [40, 41, 60])):
+        for i, error in enumerate(errors):
+            write_run(tmp_path / "runs" / model / f"run-00{i}", [error],
+                      dict(settings, model=model, lr=1e-3 * (i + 1)))
+    figures = {}
+    real_save = plot.save_figure
+
+    def save_figure(fig, path):  # keep what each figure says, then write it
+        texts = [t.get_text() for ax in fig.axes for t in (ax.title, ax.xaxis.label,
+                                                           ax.yaxis.label)]
+        legends = [t.get_text() for ax in fig.axes if ax.get_legend()
+                   for t in [ax.get_legend().get_title(), *ax.get_legend().get_texts()]]
+        colours = {str(line.get_color()) for ax in fig.axes[:1] for line in ax.get_lines()}
+        figures[os.path.basename(path)] = (texts, legends, fig._suptitle.get_text(), colours)
+        real_save(fig, path)
+    monkeypatch.setattr(plot, "save_figure", save_figure)
+    monkeypatch.setattr(sweep, "save_figure", save_figure)
+    folders = [str(tmp_path / "runs" / m) for m in ("vitp_1gf", "vitc_1gf")]
+    code, text, _ = run_tool(sweep.main, ["report", *folders], capsys)
+    edf_png, curves_png = (tmp_path / "runs" / f"vitp_1gf+vitc_1gf-{k}.png" for k in
+                           ("edf", "curves"))
+    assert code == 0 and text.endswith(f"wrote {edf_png} and {curves_png}\n")
+    assert edf_png.exists() and curves_png.exists()
+    texts, _, title, _ = figures[edf_png.name]
+    assert "fraction of runs with error − best error ≤ x" in texts
+    assert title == ("toy data (tools/toydata.py), not ImageNet: 8 train / 4 val images of 8x8 "
+                     "px, 4 classes, trained at 32x32")
+    _, legends, title, colours = figures[curves_png.name]
+    assert legends[0] == "lr quoted at batch 2048" and len(colours) == 6  # a colour per run
+    assert "vitc_1gf run-002: lr 0.003 wd 0.1" in legends and title.startswith("toy data")
+    code, text, _ = run_tool(sweep.main, ["report", *folders, "--out", str(tmp_path)], capsys)
+    assert text.endswith(f"wrote {tmp_path / 'vitp_1gf+vitc_1gf-edf.png'} and "
+                         f"{tmp_path / 'vitp_1gf+vitc_1gf-curves.png'}\n")
 
 
 def test_sweep_report_tables_the_length_and_optimizer_gaps(tmp_path, capsys):
@@ -273,6 +314,8 @@ def test_sweep_launches_locally_resumes_and_reports(data, tmp_path, capsys):
         assert [r["epoch"] for r in read_log(out / run)] == [1, 2]
         starts = [e["resolved"]["start_step"] for e in read_jsonl(out / run / "args.jsonl")]
         assert starts == [0, 3]  # the second launch resumed where the first stopped
+    for run in ("run-000", "run-001", "run-002"):  # finished: only what a report needs is kept
+        assert not (out / run / "checkpoint.pt").exists() and (out / run / "best.pt").exists()
     code, text, _ = run_tool(sweep.main, argv, capsys)
     assert code == 0 and text.count("finished earlier, error ") == 3, text
     assert len(read_jsonl(out / "launch.jsonl")) == 6

@@ -11,6 +11,7 @@ The test suite trains both 1GF models on it until they classify it.
 """
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -48,9 +49,16 @@ def draw_pattern(kind, rng, size=40):
     return image
 
 
+TOY_MARK = "toydata.json"  # in the folder's root: plots of runs on it say they are toy data
+
+
 def make(root, train=80, val=50, size=40, seed=0):
-    """root/{train,val}/PATTERN/N.png: `train` and `val` images per class."""
+    """root/{train,val}/PATTERN/N.png: `train` and `val` images per class, and root/TOY_MARK."""
     rng = random.Random(seed)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, TOY_MARK), "w") as f:
+        json.dump({"classes": len(PATTERNS), "train_images": train * len(PATTERNS),
+                   "val_images": val * len(PATTERNS), "size": size}, f)
     for split, count in (("train", train), ("val", val)):
         for kind in PATTERNS:
             folder = os.path.join(root, split, kind)
