@@ -149,35 +149,10 @@ def load_tool(name):
     return module
 
 
-def torchvision_state_dict(model):
-    """Our state dict under the names of torchvision's VisionTransformer."""
-    renames = [(r"^stem\.proj\.", "conv_proj."), (r"^cls_token$", "class_token"),
-               (r"^pos_embed$", "encoder.pos_embedding"), (r"^norm\.", "encoder.ln."),
-               (r"^head\.", "heads.head."),
-               (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."),
-               (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
-               (r"\.attn\.qkv\.(weight|bias)$", r".self_attention.in_proj_\1"),
-               (r"\.attn\.proj\.", ".self_attention.out_proj."),
-               (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3.")]
-    stem_layers = len(model.stem.layers) if isinstance(model.stem, vitc.ConvStem) else 0
-    out = {}
-    for key, value in model.state_dict().items():
-        match = re.match(r"stem\.layers\.(\d+)\.(.*)", key)
-        if match:  # our [conv, bn, relu] x n + 1x1: torchvision's conv_bn_relu_i.{0,1}, conv_last
-            index, rest = int(match[1]), match[2]
-            i, j = divmod(index, 3)
-            key = (f"conv_proj.conv_last.{rest}" if index == stem_layers - 1
-                   else f"conv_proj.conv_bn_relu_{i}.{j}.{rest}")
-        for pattern, replacement in renames:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
-    return out
-
-
 @pytest.mark.parametrize("name", ["vitp_1gf", "vitc_1gf", "vitc_18gf"])
 def test_same_logits_as_torchvision_vision_transformer_with_our_weights(name):
     # An independent implementation of the same network: torchvision's VisionTransformer built
-    # with our configuration (tools/bench.py's twin), loaded with our (randomised) weights.
+    # with our configuration (tools/export.py's twin), loaded with our (randomised) weights.
     ours = small(name, img_size=32, num_classes=7).double()
     with torch.no_grad():  # zero-initialised head and biases would make the check too easy
         for p in ours.parameters():
@@ -185,8 +160,9 @@ def test_same_logits_as_torchvision_vision_transformer_with_our_weights(name):
         for bn in [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]:
             bn.running_mean.normal_(0, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
-    twin = load_tool("bench").torchvision_twin(name, img_size=32, num_classes=7).double()
-    twin.load_state_dict(torchvision_state_dict(ours))  # strict: every tensor has its place
+    export = load_tool("export")  # the mapping tools/bench.py and tools/export.py use
+    twin = export.torchvision_twin(name, img_size=32, num_classes=7).double()
+    twin.load_state_dict(export.torchvision_state_dict(ours.state_dict()))  # strict: all placed
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     for train_mode in (True, False):  # batch statistics, then running statistics
         ours.train(train_mode)
