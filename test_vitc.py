@@ -109,19 +109,24 @@ def test_vitc_rows_derive_from_vitp_rows():
         assert c.stem_channels and not p.stem_channels
 
 
-def readme_python_blocks():
-    return [block.split("```")[0] for block in
-            (HERE / "README.md").read_text().split("```python\n")[1:]]
+def readme_python_blocks(heading=None):
+    """The ```python blocks of README.md, or those of the section titled `heading` (up to the
+    next ## or ### heading): tests find their block by its section, wherever it moves."""
+    text = (HERE / "README.md").read_text()
+    if heading is not None:
+        text = re.split(rf"^##+ {re.escape(heading)}\n", text, flags=re.M)[1]
+        text = re.split(r"^##+ ", text, flags=re.M)[0]
+    return [block.split("```")[0] for block in text.split("```python\n")[1:]]
 
 
 def test_readme_python_examples_run():
-    blocks = readme_python_blocks()
-    assert len(blocks) == 2
-    exec(blocks[0], {})  # the repository's API, run from here
+    # Every python block of the README is run by a test: this one and the pasted ConvStem below.
+    assert len(readme_python_blocks()) == 2
+    exec(readme_python_blocks("The eight models")[0], {})  # the repository's API, run from here
 
 
 def test_readme_conv_stem_is_vitc_s_and_runs_pasted_outside_the_repository(tmp_path):
-    block = readme_python_blocks()[1]
+    (block,) = readme_python_blocks("Copying the conv stem into your model")
     assert inspect.getsource(vitc.ConvStem) in block  # the README's copy is the real one
     script = tmp_path / "pasted.py"
     script.write_text(block)
