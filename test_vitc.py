@@ -121,8 +121,8 @@ def readme_python_blocks(heading=None):
 
 def test_readme_python_examples_run():
     # Every python block of the README is run by a test: this one, the pasted ConvStem below, and
-    # tools/test_export.py's torchvision and export blocks.
-    assert len(readme_python_blocks()) == 4
+    # tools/test_export.py's torchvision, export and timm blocks.
+    assert len(readme_python_blocks()) == 5
     exec(readme_python_blocks("The eight models")[0], {})  # the repository's API, run from here
 
 

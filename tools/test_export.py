@@ -1,4 +1,4 @@
-"""Tests of tools/export.py and of the README's torchvision section (CPU, seconds).
+"""Tests of tools/export.py and of the README's torchvision and timm sections (CPU, seconds).
 
 One 1-epoch train.py run on a few generated JPEGs serves every test that needs a run; its
 folder is deleted at the end (a checkpoint of ViT_C-1GF is ~75 MB).
@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -217,7 +218,7 @@ def test_export_bad_input_is_one_line(run, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# The README's conv stem in torchvision
+# The README's conv stem in torchvision and in timm
 # ------------------------------------------------------------------------------------------------
 
 
@@ -247,3 +248,36 @@ def test_readme_torchvision_conv_stem_configs_build_our_vitc_models(capsys):
                                **configs["vitc_1gf"]).double()
     theirs.load_state_dict(export.torchvision_state_dict(ours.state_dict()))
     assert_same_logits(ours, theirs)
+
+
+def test_readme_timm_adapter_makes_our_vitc_in_timm(capsys):
+    pytest.importorskip("timm")
+    (block,) = readme_python_blocks("The conv stem in timm")
+    namespace = {}
+    exec(block, namespace)  # builds ViT_C-1GF at 224 px and runs it
+    assert capsys.readouterr().out.strip() == "torch.Size([2, 1000])"
+    TimmConvStem, VisionTransformer = namespace["TimmConvStem"], namespace["VisionTransformer"]
+    cfg = vitc.VARIANTS["vitc_1gf"]
+    stem = partial(TimmConvStem, channels=cfg.stem_channels, strides=cfg.stem_strides)
+    torch.manual_seed(0)
+    ours = randomised(vitc.create_model("vitc_1gf", num_classes=7, img_size=IMG_SIZE))
+    theirs = VisionTransformer(img_size=IMG_SIZE, patch_size=16, embed_dim=cfg.dim,
+                               depth=cfg.depth, num_heads=cfg.heads,
+                               mlp_ratio=cfg.mlp_dim / cfg.dim, num_classes=7,
+                               embed_layer=stem).double()
+    assert parameter_count(theirs) == parameter_count(ours)
+    # Every name is already timm's, but the stem's (the README says so)
+    theirs.load_state_dict({re.sub(r"^stem\.", "patch_embed.", key): value
+                            for key, value in ours.state_dict().items()})
+    assert_same_logits(ours, theirs)
+
+    embed, x = theirs.patch_embed, torch.randn(2, 3, IMG_SIZE, IMG_SIZE, dtype=torch.float64)
+    assert embed(x).shape == (2, 4, cfg.dim)  # tokens (B, N, D)
+    assert (embed.num_patches, embed.grid_size, embed.feat_ratio()) == (4, (2, 2), 16)
+    assert theirs.feature_info[-1]["reduction"] == 16
+    features = theirs.forward_intermediates(x, indices=1, intermediates_only=True)
+    assert features[0].shape == (2, cfg.dim, 2, 2)  # timm's dense features, through grid sizes
+    for unsupported in ({"dynamic_img_size": True}, {"pre_norm": True}, {"patch_size": 8}):
+        with pytest.raises(ValueError, match="TimmConvStem: needs patch_size=16"):
+            VisionTransformer(**{"img_size": IMG_SIZE, "embed_dim": cfg.dim, "depth": 1,
+                                 "num_heads": cfg.heads, "embed_layer": stem, **unsupported})
