@@ -49,6 +49,12 @@ def run(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path):  # exports are ~17 MB each
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -126,6 +132,7 @@ def test_a_run_exported_gives_vitc_s_logits_in_torchvision_alone(run, tmp_path):
                           for path in sorted((run.parent / "data" / "val").glob("*/*.jpg"))])
     torch.save(images, tmp_path / "images.pt")
     (block,) = readme_python_blocks("Exporting a trained model to torchvision")
+    assert '"vitc_1gf-tv.pt"' in block  # the file name the README loads, replaced by ours
     script = tmp_path / "load.py"
     script.write_text(block.replace('"vitc_1gf-tv.pt"', repr(str(out))) + LOGITS)
     proc = subprocess.run([sys.executable, "-I", str(script)], cwd=tmp_path, capture_output=True,
@@ -144,14 +151,18 @@ def test_a_run_exported_gives_vitc_s_logits_in_torchvision_alone(run, tmp_path):
 def test_export_takes_best_pt_or_the_ema_or_model_of_a_checkpoint(run, tmp_path, capsys):
     best, checkpoint = load(run / "best.pt"), load(run / "checkpoint.pt")
     assert not torch.equal(checkpoint["ema"]["head.weight"], checkpoint["model"]["head.weight"])
+    no_ema = tmp_path / "no-ema.pt"  # a checkpoint.pt of a run with --no-ema, optimizer left out
+    torch.save({"model": checkpoint["model"], "ema": None,
+                "args": {**checkpoint["args"], "ema": False}}, no_ema)
     out = tmp_path / "out.pt"
-    for argv, expected in [([run], best["model"]), ([run / "best.pt", "--weights", "ema"],
-                                                     best["model"]),
-                           ([run / "checkpoint.pt"], checkpoint["ema"]),
-                           ([run / "checkpoint.pt", "--weights", "model"], checkpoint["model"])]:
+    cases = [([run], best["model"], "EMA"),
+             ([run / "best.pt", "--weights", "ema"], best["model"], "EMA"),
+             ([run / "checkpoint.pt"], checkpoint["ema"], "EMA"),
+             ([run / "checkpoint.pt", "--weights", "model"], checkpoint["model"], "model"),
+             ([no_ema], checkpoint["model"], "model")]
+    for argv, expected, whose in cases:
         code, printed, err = export_in_process([*argv, "--to", "torchvision", "--out", out], capsys)
-        assert code == 0 and not err, err
-        assert ("the model's weights" if "model" in argv else "the EMA's weights") in printed
+        assert code == 0 and not err and f"the {whose}'s weights" in printed, (argv, err, printed)
         state_dict, renamed = load(out)["state_dict"], export.torchvision_state_dict(expected)
         assert state_dict.keys() == renamed.keys()
         assert all(torch.equal(state_dict[key], value) for key, value in renamed.items()), argv
