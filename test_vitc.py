@@ -123,19 +123,25 @@ def test_vitc_rows_derive_from_vitp_rows():
         assert c.stem_channels and not p.stem_channels
 
 
-def readme_python_blocks():
-    return [block.split("```")[0] for block in
-            (HERE / "README.md").read_text().split("```python\n")[1:]]
+def readme_python_blocks(heading=None):
+    """The ```python blocks of README.md, or those of the section titled `heading` (up to the
+    next ## or ### heading): tests find their block by its section, wherever it moves."""
+    text = (HERE / "README.md").read_text()
+    if heading is not None:
+        text = re.split(rf"^##+ {re.escape(heading)}\n", text, flags=re.M)[1]
+        text = re.split(r"^##+ ", text, flags=re.M)[0]
+    return [block.split("```")[0] for block in text.split("```python\n")[1:]]
 
 
 def test_readme_python_examples_run():
-    blocks = readme_python_blocks()
-    assert len(blocks) == 2
-    exec(blocks[0], {})  # the repository's API, run from here
+    # Every python block of the README is run by a test: this one, the pasted ConvStem below, and
+    # tools/test_tools.py's torchvision, export and timm blocks.
+    assert len(readme_python_blocks()) == 5
+    exec(readme_python_blocks("The eight models")[0], {})  # the repository's API, run from here
 
 
 def test_readme_conv_stem_is_vitc_s_and_runs_pasted_outside_the_repository(tmp_path):
-    block = readme_python_blocks()[1]
+    (block,) = readme_python_blocks("Copying the conv stem into your model")
     assert inspect.getsource(vitc.ConvStem) in block  # the README's copy is the real one
     script = tmp_path / "pasted.py"
     script.write_text(block)
@@ -163,35 +169,10 @@ def load_tool(name):
     return module
 
 
-def torchvision_state_dict(model):
-    """Our state dict under the names of torchvision's VisionTransformer."""
-    renames = [(r"^stem\.proj\.", "conv_proj."), (r"^cls_token$", "class_token"),
-               (r"^pos_embed$", "encoder.pos_embedding"), (r"^norm\.", "encoder.ln."),
-               (r"^head\.", "heads.head."),
-               (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."),
-               (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
-               (r"\.attn\.qkv\.(weight|bias)$", r".self_attention.in_proj_\1"),
-               (r"\.attn\.proj\.", ".self_attention.out_proj."),
-               (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3.")]
-    stem_layers = len(model.stem.layers) if isinstance(model.stem, vitc.ConvStem) else 0
-    out = {}
-    for key, value in model.state_dict().items():
-        match = re.match(r"stem\.layers\.(\d+)\.(.*)", key)
-        if match:  # our [conv, bn, relu] x n + 1x1: torchvision's conv_bn_relu_i.{0,1}, conv_last
-            index, rest = int(match[1]), match[2]
-            i, j = divmod(index, 3)
-            key = (f"conv_proj.conv_last.{rest}" if index == stem_layers - 1
-                   else f"conv_proj.conv_bn_relu_{i}.{j}.{rest}")
-        for pattern, replacement in renames:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
-    return out
-
-
 @pytest.mark.parametrize("name", ["vitp_1gf", "vitc_1gf", "vitc_18gf"])
 def test_same_logits_as_torchvision_vision_transformer_with_our_weights(name):
     # An independent implementation of the same network: torchvision's VisionTransformer built
-    # with our configuration (tools/bench.py's twin), loaded with our (randomised) weights.
+    # with our configuration (tools/export.py's twin), loaded with our (randomised) weights.
     ours = small(name, img_size=32, num_classes=7).double()
     with torch.no_grad():  # zero-initialised head and biases would make the check too easy
         for p in ours.parameters():
@@ -199,8 +180,9 @@ def test_same_logits_as_torchvision_vision_transformer_with_our_weights(name):
         for bn in [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]:
             bn.running_mean.normal_(0, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
-    twin = load_tool("bench").torchvision_twin(name, img_size=32, num_classes=7).double()
-    twin.load_state_dict(torchvision_state_dict(ours))  # strict: every tensor has its place
+    export = load_tool("export")  # the mapping tools/bench.py and tools/export.py use
+    twin = export.torchvision_twin(name, img_size=32, num_classes=7).double()
+    twin.load_state_dict(export.torchvision_state_dict(ours.state_dict()))  # strict: all placed
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     for train_mode in (True, False):  # batch statistics, then running statistics
         ours.train(train_mode)

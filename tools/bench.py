@@ -40,28 +40,16 @@ import os
 import random
 import sys
 import time
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # after the path: the repository root, wherever this script is run from
-from train import RunError
-import vitc
-
-
-def torchvision_twin(name, img_size=224, num_classes=1000):
-    """torchvision's VisionTransformer with the width, depth, heads, MLP and stem of `name`."""
-    from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
-    cfg = vitc.VARIANTS[name]
-    stem = [ConvStemConfig(c, 3, s, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU)
-            for c, s in zip(cfg.stem_channels, cfg.stem_strides)] or None
-    return VisionTransformer(image_size=img_size, patch_size=16, num_layers=cfg.depth,
-                             num_heads=cfg.heads, hidden_dim=cfg.dim, mlp_dim=cfg.mlp_dim,
-                             num_classes=num_classes, conv_stem_configs=stem,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
+import train  # noqa: E402
+import vitc  # noqa: E402
+from export import torchvision_twin  # noqa: E402  (the one mapping of our ViT onto torchvision's)
+from train import RunError  # noqa: E402
 
 
 def make_train_step(model, batch_size, img_size, amp=False, compile=False, num_classes=1000):
