@@ -12,6 +12,7 @@ Sections, in order:
 - train.py, the recipe's pieces: AutoAugment v0, lighting, precise BN, defaults, mixup, EMA.
 - train.py runs, on generated JPEGs: checkpoints and exact resume, DDP, bad input and files,
   signals, divergence, full disks, the per-step checks, provenance.
+- train.py's GPU settings, on the CPU: fp16 with loss scaling, torch.compile (also under DDP).
 - train.py learns: both 1GF models far above chance.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import collections
 import copy
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -704,12 +706,12 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def torchrun_two_ranks(argv, script=HERE / "train.py", tmp=None):
+def torchrun_two_ranks(argv, script=HERE / "train.py", tmp=None, timeout=150):
     """torchrun with 2 gloo ranks; its own temporary files (error files) go to `tmp`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", **({"TMPDIR": str(tmp)} if tmp else {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -1080,6 +1082,128 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_logs_the_whole_epoch(tmp_path,
     (progress,) = ended  # the logged figures: all 100 steps, including those before the signal
     assert progress["steps"] == 100 and progress["loss_sum"] > ckpt["progress"]["loss_sum"]
     assert record["train_loss"] == pytest.approx(progress["loss_sum"] / 100)
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py's GPU settings, on the CPU: fp16 autocast with loss scaling, and torch.compile
+# (inductor compiles C++ kernels here: the smallest model at 32 px keeps that to a minimum)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fp16_resume_gives_the_same_weights_and_loss_scale(data, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train.cli(tiny(data, full, "--train-precision", "fp16")) == 0
+    assert train.cli(tiny(data, split, "--train-precision", "fp16", "--stop-after", "1")) == 0
+    assert train.cli(tiny(data, split, "--train-precision", "fp16", "--resume", "auto")) == 0
+    resumed, whole = load(split / "checkpoint.pt"), load(full / "checkpoint.pt")
+    for part in ("model", "ema"):
+        for key, value in whole[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+    assert resumed["scaler"] == whole["scaler"] and whole["scaler"]["scale"] > 0
+    logs = read_log(full), read_log(split)
+    assert [r["skipped_steps"] for r in logs[0]] == [r["skipped_steps"] for r in logs[1]]
+    assert logs[1] == [dict(r, epoch_time=r2["epoch_time"], images_per_sec=r2["images_per_sec"])
+                       for r, r2 in zip(logs[0], logs[1])]
+    assert read_jsonl(full / "args.jsonl")[0]["resolved"]["train_precision"] == "fp16"
+
+
+def test_fp16_skips_overflowing_steps_but_stops_on_a_non_finite_loss(data, tmp_path, monkeypatch,
+                                                                     capsys):
+    # An fp32 epoch, then an fp16 one whose 2nd step gets an infinite gradient, then a NaN loss.
+    argv = tiny(data, tmp_path, "--epochs", "3", "--stop-after", "1")
+    assert train.cli(argv) == 0
+    assert load(tmp_path / "checkpoint.pt")["scaler"] is None
+    monkeypatch.setattr(torch.amp, "GradScaler",  # no overflow of its own at this scale
+                        functools.partial(torch.amp.GradScaler, init_scale=1.0))
+    backwards, dtypes = [], collections.Counter()
+    real_create_model, real_forward = vitc.create_model, vitc.ViT.forward
+
+    def create_model(*args, **kwargs):
+        model = real_create_model(*args, **kwargs)
+        model.cls_token.register_hook(lambda grad: backwards.append(grad) or (
+            torch.full_like(grad, math.inf) if len(backwards) == 2 else grad))
+        return model
+
+    def forward(model, x):
+        out = real_forward(model, x)
+        dtypes["train" if model.training else "eval", out.dtype] += 1
+        return out
+    monkeypatch.setattr(vitc, "create_model", create_model)
+    monkeypatch.setattr(vitc.ViT, "forward", forward)
+    assert train.cli([*argv, "--train-precision", "fp16", "--resume", "auto"]) == 0
+    assert len(backwards) == 3 and dtypes["train", torch.float16] == 3  # fp16 autocast
+    log = read_log(tmp_path)
+    assert "skipped_steps" not in log[0] and log[1]["skipped_steps"] == 1  # and no divergence
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["scaler"]["scale"] == 0.5  # halved once, from the fresh scaler's 1.0
+    assert all(state["step"] == 5 for state in ckpt["optimizer"]["state"].values())  # 6 steps
+    assert ckpt["scheduler"]["last_epoch"] == 6  # the schedule counts the skipped step too
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    real_cross_entropy = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy",
+                        lambda *a, **k: real_cross_entropy(*a, **k) * float("nan"))
+    err = run_failing([*argv, "--train-precision", "fp16", "--resume", "auto"], capsys,
+                      training_started=True)
+    assert "loss is nan at step 7 (epoch 3)" in err  # before scaling: a divergence, not a skip
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+    assert read_log(tmp_path)[-1] == {"epoch": 3, "step": 7, "diverged": "nan"}
+
+
+@pytest.fixture(scope="session")
+def compile_tmp(tmp_path_factory):
+    """TMPDIR of the processes that compile: inductor's kernel cache and precompiled header (150
+    MB, built once) go there instead of /tmp/torchinductor_USER, shared by the tests and deleted
+    after them."""
+    folder = tmp_path_factory.mktemp("compile")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_compiled_run_matches_eager_and_resumes_uncompiled_and_back(data, tmp_path, compile_tmp):
+    # Micro-batches of 2, as in the torchrun test below, which then finds its kernels compiled.
+    argv = lambda out, *extra: tiny(data, out, "--epochs", "3", "--accum-steps", "4", *extra)
+
+    def compiled_run(*argv):
+        proc = subprocess.run([sys.executable, str(HERE / "train.py"), *argv, "--compile"],
+                              capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, TMPDIR=str(compile_tmp)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert train.cli(argv(eager, "--stop-after", "1")) == 0
+    compiled_run(*argv(compiled, "--stop-after", "1"))
+    one, other = load(eager / "checkpoint.pt"), load(compiled / "checkpoint.pt")
+    model = vitc.create_model("vitc_1gf", num_classes=3, img_size=32)
+    for part in ("model", "ema"):  # the keys of an uncompiled model, and the eager run's values
+        model.load_state_dict(other[part])
+        for key, value in one[part].items():  # BatchNorm's: precise BN ran, also on the EMA
+            assert torch.allclose(other[part][key].double(), value.double(), rtol=1e-3,
+                                  atol=1e-5), (part, key)
+    (e,), (c,) = read_log(eager), read_log(compiled)
+    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-5)
+    assert train.cli(argv(compiled, "--stop-after", "1", "--resume", "auto")) == 0
+    compiled_run(*argv(compiled, "--resume", "auto"))
+    assert [r["epoch"] for r in read_log(compiled)] == [1, 2, 3]
+    final = load(compiled / "checkpoint.pt")
+    assert final["step"] == 9 and all(torch.isfinite(v).all() for v in final["model"].values())
+    model.load_state_dict(final["model"])
+    model.load_state_dict(load(compiled / "best.pt")["model"])
+
+
+def test_compiled_torchrun_two_ranks_splits_the_graph_at_ddp_buckets(data, tmp_path, monkeypatch,
+                                                                     compile_tmp):
+    # DDP(compile(model)): Dynamo's DDPOptimizer, which lets the gradient all-reduces overlap the
+    # backward, must still split the compiled graph (it logs its buckets at level INFO).
+    monkeypatch.setenv("TORCH_LOGS", "torch._dynamo.backends.distributed")
+    proc = torchrun_two_ranks(tiny(data, tmp_path / "run", "--epochs", "1", "--warmup-epochs",
+                                   "0", "--accum-steps", "2", "--compile"), tmp=compile_tmp,
+                              timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("DDPOptimizer used bucket cap") >= 2, proc.stderr[-3000:]
+    (record,) = read_log(tmp_path / "run")
+    assert record["step"] == 3 and record["val_images"] == len(CLASSES) * VAL_PER_CLASS
+    ckpt = load(tmp_path / "run" / "checkpoint.pt")
+    vitc.create_model("vitc_1gf", num_classes=3, img_size=32).load_state_dict(ckpt["model"])
+    assert len(ckpt["rng"]) == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -96,16 +96,8 @@ EMA_PERIOD, EMA_ALPHA = 32, 1e-5
 PRECISE_BN_IMAGES = 8192
 
 
-def paper_lr_wd(model, optimizer):
-    """The paper's (lr at batch 2048, weight decay) for a model and optimizer, or None."""
-    if optimizer == "adamw":
-        return ADAMW[model.split("_")[1]]  # by size: 36GF's differ, not the stems'
-    return SGD.get(model)
-
-
 # ------------------------------------------------------------------------------------------------
-# Arguments: the recipe (defaults above) and how this run runs (nothing that changes what is
-# learned, except --seed and --accum-steps, which change the BatchNorm batch of a micro-step)
+# Arguments: the recipe (defaults above), then the run (data, folders, precision, resuming)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -122,24 +114,20 @@ def parse_args(argv):
     r.add_argument("--img-size", type=int, default=224, help="train/test resolution")
     r.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="global batch, all ranks")
     r.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs")
-    r.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS,
-                   help="linear lr warmup epochs")
+    r.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS, help="lr warmup epochs")
     r.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="AdamW, or SGD with Nesterov momentum 0.9")
     r.add_argument("--lr", type=float, help="peak lr at batch 2048 (default: the paper's)")
     r.add_argument("--wd", type=float, help="weight decay (default: the paper's)")
     r.add_argument("--autoaugment", choices=["v0", "imagenet", "none"], default=AUTOAUGMENT,
                    help="v0: the official code's policy; imagenet: torchvision's ImageNet policy")
-    r.add_argument("--lighting", type=float, default=LIGHTING_STD,
-                   help="PCA lighting noise std, 0 = off")
+    r.add_argument("--lighting", type=float, default=LIGHTING_STD, help="PCA lighting std, 0: off")
     r.add_argument("--mixup", type=float, default=MIXUP_ALPHA, help="mixup alpha, 0 = off")
     r.add_argument("--cutmix", type=float, default=CUTMIX_ALPHA, help="CutMix alpha, 0 = off")
-    r.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
-                   help="label smoothing epsilon")
+    r.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="its epsilon")
     r.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep and evaluate an EMA of the weights")
-    r.add_argument("--ema-period", type=int, default=EMA_PERIOD,
-                   help="update the EMA every N steps")
+    r.add_argument("--ema-period", type=int, default=EMA_PERIOD, help="EMA update every N steps")
     r.add_argument("--ema-alpha", type=float, default=EMA_ALPHA, help="official EMA_ALPHA")
     r.add_argument("--precise-bn", type=int, default=PRECISE_BN_IMAGES, metavar="N",
                    help="recompute BatchNorm statistics from N train images before every "
@@ -152,8 +140,10 @@ def parse_args(argv):
     g.add_argument("--out", help="run folder (default: a new runs/MODEL-DATE-TIME)")
     g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
-    g.add_argument("--train-precision", choices=["bf16", "fp32"],
-                   help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on the CPU)")
+    g.add_argument("--train-precision", choices=["bf16", "fp16", "fp32"],
+                   help="bf16 autocast (A100, H100), fp16 autocast with loss scaling (V100, "
+                        "which has no bf16; the official trainer's) or fp32 (default: bf16 on "
+                        "CUDA, fp32 on the CPU)")
     g.add_argument("--eval-precision", choices=["bf16", "fp32"], default="fp32",
                    help="fp32 as the official code, or bf16 autocast (faster on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -238,7 +228,8 @@ def train_one_epoch(run, epoch):
     args, device = run.args, run.device
     first = min(max(run.step - epoch * run.steps_per_epoch, 0), run.steps_per_epoch)
     batches = train_batches(run, epoch, skip=first * args.accum_steps)
-    amp = args.train_precision == "bf16"
+    amp = args.train_precision in ("bf16", "fp16")  # autocast to the dtype of that name
+    dtype = torch.float16 if args.train_precision == "fp16" else torch.bfloat16
     with Monitor(run, epoch, first) as monitor:  # progress bar, checks, the epoch's figures
         for _ in range(first, run.steps_per_epoch):
             step_loss = torch.zeros((), device=device)
@@ -249,20 +240,26 @@ def train_one_epoch(run, epoch):
                 images, targets = run.mix(images, labels) if run.mix else (images, labels)
                 sync = micro_step == args.accum_steps - 1 or run.world_size == 1
                 with contextlib.nullcontext() if sync else run.train_model.no_sync():
-                    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    with torch.autocast(device.type, dtype, enabled=amp):
                         logits = run.train_model(images)
                     # Label smoothing here and only here, also on mixed (soft) targets.
                     loss = F.cross_entropy(logits.float(), targets,
                                            label_smoothing=args.label_smoothing) / args.accum_steps
-                    loss.backward()  # DDP averages the gradients over ranks on the last
+                    # DDP averages the gradients over ranks on the last micro-step; fp16 scales
+                    # the loss up first, so that small gradients do not underflow.
+                    (loss if run.scaler is None else run.scaler.scale(loss)).backward()
                 step_loss += loss.detach()  # stays on the device: no wait for the GPU here
-            run.optimizer.step()
+            if run.scaler is None:
+                run.optimizer.step()
+                skipped = None
+            else:  # fp16: an update whose scaled gradients overflowed is skipped
+                skipped = scaled_step(run)
             run.lr = run.scheduler.get_last_lr()[0]  # the lr this step used
             run.scheduler.step()  # per step: linear warmup, then cosine
             run.optimizer.zero_grad(set_to_none=True)
             run.step += 1
             update_ema(run, epoch)
-            if monitor.after_step(step_loss):  # any rank asked to stop (checked every N steps)
+            if monitor.after_step(step_loss, skipped):  # any rank asked to stop (every N steps)
                 run.stopped = True
                 break
 
@@ -313,6 +310,8 @@ def build_run(args, rank, world_size, device):
     total = args.epochs * run.steps_per_epoch
     warmup = min(round(args.warmup_epochs * run.steps_per_epoch), total - 1)
     run.scheduler = vitc.make_scheduler(run.optimizer, total, warmup, WARMUP_START, COSINE_FLOOR)
+    # fp16 autocast needs loss scaling (as the official trainer, and torchvision's --amp)
+    run.scaler = torch.amp.GradScaler(device.type) if args.train_precision == "fp16" else None
     run.mix = build_mix(args, args.num_classes)
     run.epoch, run.step, run.best = 0, 0, (-1.0, 0)
     torch.manual_seed(args.seed + 1 + rank)  # augmentation differs across ranks
@@ -321,6 +320,11 @@ def build_run(args, rank, world_size, device):
         restore(run, ckpt)
     # What the step calls: run.model itself, or run.model compiled and/or wrapped in DDP (which
     # averages the gradients over ranks). Checkpoints, the EMA and evaluation use run.model.
+    # DDP(compile(model)), as PyTorch's "Where to apply torch.compile?" advises: compile the
+    # module DDP wraps. Dynamo's DDPOptimizer still splits the compiled graph at DDP's buckets
+    # so that their all-reduces overlap the backward (it finds the DDP module around the compiled
+    # code), while compiling DDP itself would break the graph in DDP's forward. run.model stays
+    # uncompiled for the EMA, precise BN, evaluation and checkpoints (no "_orig_mod." keys).
     run.train_model = torch.compile(run.model) if args.compile else run.model
     if world_size > 1:
         run.train_model = DistributedDataParallel(
@@ -430,6 +434,24 @@ class AutoAugmentV0(nn.Module):
 
 def eval_resize(img_size):
     return round(img_size * EVAL_RESIZE)  # test: resize 256, centre crop 224, scaled
+
+
+def paper_lr_wd(model, optimizer):
+    """The paper's (lr at batch 2048, weight decay) for a model and optimizer, or None."""
+    if optimizer == "adamw":
+        return ADAMW[model.split("_")[1]]  # by size: 36GF's differ, not the stems'
+    return SGD.get(model)
+
+
+def scaled_step(run):
+    """fp16's update: GradScaler skips an update whose scaled gradients overflowed, and halves
+    its scale; loss scaling does that by design, so such a step is counted (in the epoch's
+    skipped_steps), not taken for a divergence, and the schedule moves on. Returns whether it
+    skipped, as a device tensor (get_scale() would make the host wait for the device)."""
+    scale = run.scaler._scale.clone()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return run.scaler._scale < scale
 
 
 def build_transforms(args):
@@ -937,7 +959,8 @@ CHECK_EVERY = 20
 def new_progress():
     """Running figures of the epoch under way; checkpointed, so that an epoch interrupted and
     resumed is still logged whole."""
-    return {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "epoch_time": 0.0, "unreadable": 0}
+    return {"loss_sum": 0.0, "steps": 0, "seconds": 0.0, "epoch_time": 0.0, "unreadable": 0,
+            "skipped_steps": 0}
 
 
 class Monitor:
@@ -949,7 +972,7 @@ class Monitor:
 
     def __init__(self, run, epoch, first):
         self.run, self.epoch = run, epoch
-        self.losses, self.unreadable, self.blanks = [], [], []
+        self.losses, self.skipped, self.unreadable, self.blanks = [], [], [], []
         self.step_unreadable = self.step_blanks = 0
         self.window_step, self.window_start = run.step, time.perf_counter()
         run.epoch_start, run.resumed_mid_epoch = self.window_start, first > 0
@@ -969,11 +992,14 @@ class Monitor:
         self.step_unreadable += warn_unreadable(self.run, bad)
         self.step_blanks += int((labels < 0).sum())  # a CPU tensor: no device sync
 
-    def after_step(self, loss):
-        """Keeps the step's figures; every CHECK_EVERY steps and at the epoch's end, reads and
-        checks them. Returns True when any rank was asked to stop."""
+    def after_step(self, loss, skipped=None):
+        """Keeps the step's figures (`skipped`: fp16 skipped the update); every CHECK_EVERY steps
+        and at the epoch's end, reads and checks them. Returns True when any rank was asked to
+        stop."""
         run = self.run
         self.losses.append(loss)
+        if skipped is not None:
+            self.skipped.append(skipped)
         self.unreadable.append(self.step_unreadable)
         self.blanks.append(self.step_blanks)
         self.step_unreadable = self.step_blanks = 0
@@ -987,8 +1013,12 @@ class Monitor:
         run.progress. Returns True when any rank was asked to stop."""
         run, progress, n = self.run, self.run.progress, len(self.losses)
         counts = torch.tensor([*self.unreadable, *self.blanks, float(run.stop_signal is not None)])
-        stats = torch.cat([torch.stack(self.losses).float(), counts.to(run.device)])
+        skipped = torch.stack(self.skipped).sum(0, keepdim=True).float() if self.skipped else \
+            torch.zeros(1)  # fp16's skipped updates, the same on every rank
+        stats = torch.cat([torch.stack(self.losses).float(), counts.to(run.device),
+                           skipped.to(run.device)])
         stats = all_sum(stats, run.world_size).tolist()  # the one wait for the device
+        progress["skipped_steps"] += round(stats.pop() / run.world_size)
         for i in range(n):
             step, unreadable, blanks = self.window_step + i + 1, stats[n + i], stats[2 * n + i]
             progress["unreadable"] += int(unreadable)
@@ -1005,7 +1035,7 @@ class Monitor:
         progress["seconds"] += now - self.window_start
         images_per_sec = progress["steps"] * run.args.batch_size / progress["seconds"]
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.3g}", img_s=f"{images_per_sec:.0f}")
-        self.losses, self.unreadable, self.blanks = [], [], []
+        self.losses, self.skipped, self.unreadable, self.blanks = [], [], [], []
         self.window_step, self.window_start = run.step, now
         stop = stats[-1] > 0
         if stop and not epoch_end:  # the epoch goes on after a resume: keep its time so far
@@ -1028,6 +1058,8 @@ def end_epoch(run, record):
     record.update(epoch_time=time.perf_counter() - run.epoch_start + progress["epoch_time"],
                   images_per_sec=progress["steps"] * args.batch_size / progress["seconds"],
                   unreadable=progress["unreadable"])
+    if run.scaler is not None:  # fp16: updates skipped because the scaled gradients overflowed
+        record["skipped_steps"] = progress["skipped_steps"]
     if run.resumed_mid_epoch:  # the figures still cover the whole epoch, over two invocations
         record["resumed_mid_epoch"] = True
     if run.device.type == "cuda":
@@ -1140,11 +1172,12 @@ def no_tf32(active):
 
 # What a resumed run must share with the run that wrote the checkpoint: the model and everything
 # the optimizer state and the schedule position depend on. Data path, workers, accumulation,
-# augmentation, evaluation, precision and compilation may change.
+# augmentation, evaluation, precision and compilation may change (fp16's loss scale carries on
+# from an fp16 checkpoint, and starts afresh, as in a new run, from a bf16 or fp32 one).
 RESUME_KEYS = ("model", "img_size", "num_classes", "optimizer", "batch_size", "epochs",
                "warmup_epochs", "lr", "wd")
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "steps_per_epoch",
-                   "best", "args", "progress", "rng"}
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step",
+                   "steps_per_epoch", "best", "args", "progress", "rng"}
 
 
 def checkpoint_file(args):
@@ -1171,6 +1204,7 @@ def save_checkpoint(run):
         "model": run.model.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "epoch": run.epoch, "step": run.step, "steps_per_epoch": run.steps_per_epoch,
         "best": list(run.best), "args": vars(run.args), "progress": run.progress,
         "rng": states}, checkpoint_file(run.args)))
@@ -1255,6 +1289,8 @@ def restore(run, ckpt):
         run.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and ckpt["scaler"]:  # fp16 then and now: the same loss scale
+        run.scaler.load_state_dict(ckpt["scaler"])
     run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], tuple(ckpt["best"])
     run.progress = ckpt["progress"]
     if len(ckpt["rng"]) == run.world_size:  # exact continuation needs the same world size
