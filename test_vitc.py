@@ -185,13 +185,19 @@ def test_same_logits_as_torchvision_vision_transformer_with_our_weights(name):
     export = load_tool("export")  # the mapping tools/bench.py and tools/export.py use
     twin = export.torchvision_twin(name, img_size=32, num_classes=7).double()
     twin.load_state_dict(export.torchvision_state_dict(ours.state_dict()))  # strict: all placed
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    for train_mode in (True, False):  # batch statistics, then running statistics
-        ours.train(train_mode)
-        twin.train(train_mode)
+    assert_same_logits(twin, ours)
+
+
+def assert_same_logits(expected_model, model, img_size=32):
+    """Equal float64 logits on random images, in train mode (BatchNorm's batch statistics), then
+    in eval mode (its running statistics); the logits must not be near zero."""
+    x = torch.randn(4, 3, img_size, img_size, dtype=torch.float64)
+    for train_mode in (True, False):
+        expected_model.train(train_mode)
+        model.train(train_mode)
         with torch.no_grad():
-            expected, actual = twin(x), ours(x)
-        assert actual.abs().max() > 0.1
+            expected, actual = expected_model(x), model(x)
+        assert expected.abs().max() > 0.1
         assert torch.allclose(actual, expected, rtol=1e-9, atol=1e-9), train_mode
 
 

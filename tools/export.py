@@ -34,7 +34,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
-from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
+from train import Parser, RunError, run_cli, save_atomic  # noqa: E402  (as train.py's)
 
 import vitc  # noqa: E402
 
@@ -174,24 +174,6 @@ def check_model(path, state_dict, args):
     return name, img_size, num_classes
 
 
-def save(obj, path):
-    """torch.save to a temporary file, then rename: never a torn file at `path`."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except Exception as e:  # torch.save reports a failed write as a RuntimeError from an OSError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        cause = e
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise RunError(f"--out {path}: cannot write it ({cause.strerror or cause})") from None
-
-
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +195,7 @@ def main(argv=None):
         raise RunError(f"--out {args.out} is the input: choose another file")
     state_dict, weights = choose_weights(path, contents, args.weights)
     name, img_size, num_classes = check_model(path, state_dict, contents["args"])
-    save({"state_dict": torchvision_state_dict(state_dict),
+    save_atomic({"state_dict": torchvision_state_dict(state_dict),
           "kwargs": torchvision_kwargs(name, img_size, num_classes)}, args.out)
     epoch, top1 = contents.get("epoch"), contents.get("top1")
     print(f"wrote {args.out}: {name} ({img_size} px, {num_classes} classes) for torchvision's "

@@ -33,8 +33,8 @@ import export  # noqa: E402
 import train  # noqa: E402
 import vitc  # noqa: E402
 from test_vitc import (  # noqa: E402, F401  (fixtures: a tiny ImageFolder, no files left behind)
-    HERE, data, load, load_tool, no_leftovers, read_jsonl, read_log, readme_python_blocks,
-    write_images)
+    HERE, assert_same_logits, data, load, load_tool, no_leftovers, read_jsonl, read_log,
+    readme_python_blocks, write_images)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,17 +454,6 @@ def randomised(model):
     return model
 
 
-def assert_same_logits(ours, theirs, img_size=IMG_SIZE):
-    x = torch.randn(4, 3, img_size, img_size, dtype=torch.float64)
-    for train_mode in (True, False):  # BatchNorm's batch statistics, then its running ones
-        ours.train(train_mode)
-        theirs.train(train_mode)
-        with torch.no_grad():
-            expected, actual = ours(x), theirs(x)
-        assert expected.abs().max() > 0.1
-        assert torch.allclose(actual, expected, rtol=1e-9, atol=1e-9), train_mode
-
-
 def parameter_count(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -589,7 +578,8 @@ def test_export_bad_input_is_one_line(run, tmp_path, capsys):
         ([run, "--to", "torchvision", "--out", run / "best.pt"],
          f"--out {run / 'best.pt'} is the input: choose another file"),
         ([run, "--to", "torchvision", "--out", path["missing.pt"] / "out.pt"],
-         f"--out {path['missing.pt'] / 'out.pt'}: cannot write it (No such file or directory)"),
+         f"cannot write {path['missing.pt'] / 'out.pt'} (No such file or directory); the previous "
+         f"version, if any, is intact"),
         ([run, "--to", "timm", "--out", tmp_path / "out.pt"],
          Start("argument --to: invalid choice: 'timm' (choose from ")),
         ([run], "the following arguments are required: --to, --out"),
