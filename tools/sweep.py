@@ -37,7 +37,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
-from plot import plot_runs, pyplot, read_jsonl, read_run, save_figure  # noqa: E402
+from plot import (  # noqa: E402
+    plot_runs, pyplot, read_args, read_jsonl, read_run, save_figure, warn)
 
 import train  # noqa: E402
 from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
@@ -196,8 +197,13 @@ def gpu_hours(plan):
 
 
 def read_status(run, folder, launches):
-    """(status, error %, detail, log) of one run of a sweep; see run_status()."""
-    record = read_run(folder, need_log=False) if os.path.isdir(folder) else None
+    """(status, error %, detail, log) of one run of a sweep; see run_status(). A run whose files
+    cannot be read is `unreadable`, with a warning, and the others are still read."""
+    try:
+        record = read_run(folder, need_log=False) if os.path.isdir(folder) else None
+    except RunError as e:
+        warn(f"{run['name']}: {e}")
+        return "unreadable", None, str(e), []
     return (*run_status(run, record, launches.get(run["name"], {})),
             (record or {}).get("log") or [])
 
@@ -367,11 +373,12 @@ def is_run(folder):
     return any(os.path.exists(os.path.join(folder, f)) for f in ("args.jsonl", "log.jsonl"))
 
 
-def planned(folder, need_log):
+def planned(folder):
     """The settings of a run folder outside a sweep, from its args.jsonl."""
-    args = read_run(folder, need_log)["args"]
+    args = read_args(folder)
     if not args:
-        raise RunError(f"{folder}: no args.jsonl, so its model and settings are unknown")
+        raise RunError(f"{folder}: no readable args.jsonl, so its model and settings are "
+                       f"unknown")
     return {"name": os.path.basename(os.path.normpath(folder)),
             **{k: args[k] for k in ("model", "optimizer", "epochs", "lr", "wd")}}
 
@@ -385,9 +392,17 @@ def find_runs(folder):
     if os.path.exists(os.path.join(folder, "sweep.json")):
         return [(r, os.path.join(folder, r["name"])) for r in load_plan(folder)]
     if is_run(folder):
-        return [(planned(folder, need_log=True), folder)]
-    subs = sorted(os.path.join(folder, d) for d in os.listdir(folder))
-    runs = [(planned(d, need_log=False), d) for d in subs if is_run(d)]
+        if not os.path.exists(os.path.join(folder, "log.jsonl")):  # given alone: needs its log
+            raise RunError(f"{folder}: no log.jsonl (not a train.py run folder, or its first "
+                           f"epoch has not ended)")
+        return [(planned(folder), folder)]
+    runs = []
+    for sub in sorted(os.path.join(folder, d) for d in os.listdir(folder)):
+        if is_run(sub):
+            try:
+                runs.append((planned(sub), sub))
+            except RunError as e:  # one run that cannot be read must not hide the others
+                warn(f"{e}; left out")
     if not runs:
         raise RunError(f"{folder}: no runs (no sweep.json, and no train.py run folders in it)")
     return runs
@@ -406,7 +421,7 @@ def collect(folder):
 
 def count_line(runs):
     counts = {s: sum(r["status"] == s for r in runs) for s in
-              ("finished", "diverged", "failed", "unfinished", "not started")}
+              ("finished", "diverged", "failed", "unfinished", "unreadable", "not started")}
     return f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
 
 
