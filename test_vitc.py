@@ -1067,13 +1067,21 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_logs_the_whole_epoch(tmp_path,
         chunk = proc.stderr.read(64)
         assert chunk, f"train.py ended before step 3: {progress[-2000:]}"
         progress += chunk
+    seen = int(re.findall(r"\| *(\d+)/100 ", progress)[-1])  # the step shown at the signal
     proc.send_signal(signal.SIGTERM)
+    while "SIGTERM: finishing" not in progress:  # taken: a second one is not merged with it
+        chunk = proc.stderr.read(64)
+        assert chunk, f"train.py ended without taking SIGTERM: {progress[-2000:]}"
+        progress += chunk
+    proc.send_signal(signal.SIGTERM)  # again, as Slurm and torchrun each send one: no abort
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, (progress + err)[-2000:]
+    err = progress + err
+    assert proc.returncode == 0, err[-2000:]
     assert "stopped by SIGTERM" in out and f"--out {tmp_path} --resume auto" in out
+    assert "SIGTERM again: the stop is under way" in err and "KeyboardInterrupt" not in err
+    assert [e["outcome"] for e in read_jsonl(tmp_path / "exits.jsonl")] == ["stopped"]
     ckpt = load(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and 3 <= ckpt["step"] < 100
-    seen = int(re.findall(r"\| *(\d+)/100 ", progress)[-1])  # the step shown at the signal
     assert ckpt["step"] % train.CHECK_EVERY == 0 and ckpt["step"] < seen + 2 * train.CHECK_EVERY
     assert ckpt["progress"]["steps"] == ckpt["step"]  # the figures of the steps done so far
     ended = []
@@ -1088,6 +1096,157 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_logs_the_whole_epoch(tmp_path,
     (progress,) = ended  # the logged figures: all 100 steps, including those before the signal
     assert progress["steps"] == 100 and progress["loss_sum"] > ckpt["progress"]["loss_sum"]
     assert record["train_loss"] == pytest.approx(progress["loss_sum"] / 100)
+
+
+def test_sigterm_again_never_aborts_a_stop_but_ctrl_c_again_does(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with train.stop_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # from Slurm, say
+        os.kill(os.getpid(), signal.SIGTERM)  # and forwarded by torchrun: the stop goes on
+        assert train.Stop.signal == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a user's Ctrl-C still aborts
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "SIGTERM again: the stop is under way" in capsys.readouterr().err
+
+
+def test_a_signal_during_the_setup_ends_the_run_cleanly_and_leaves_no_folder(data, tmp_path,
+                                                                            capsys, monkeypatch):
+    # With a time limit shorter than Slurm's --signal lead, SIGTERM comes while the data is
+    # scanned: the run ends there, status 0, and the folder made for it goes again.
+    monkeypatch.chdir(tmp_path)
+    real = train.build_datasets
+
+    def signalled_while_scanning(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's copy of it
+        return real(args)
+    monkeypatch.setattr(train, "build_datasets", signalled_while_scanning)
+    argv = tiny(data, "unused")[:2] + tiny(data, "unused")[4:]  # without --out: runs/MODEL-...
+    capsys.readouterr()
+    assert train.cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "train.py: stopped by SIGTERM before training began, nothing written" in out
+    assert list((tmp_path / "runs").iterdir()) == []
+    assert train.cli([*argv, "--out", str(tmp_path / "given")]) == 0
+    assert not (tmp_path / "given").exists()
+
+
+def test_sigterm_while_torch_loads_is_not_lost(tmp_path):
+    # The handler is in place before `import torch` (seconds): poll the process's caught
+    # signals (/proc), then signal it while it is still starting.
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"),
+                             *fake_run(tmp_path / "run")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    caught = 0
+    while not caught & (1 << (signal.SIGTERM - 1)):
+        assert proc.poll() is None, proc.communicate()
+        with open(f"/proc/{proc.pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt")).split()[1], 16)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM before training began" in out and not (tmp_path / "run").exists()
+
+
+def test_a_log_line_lost_after_its_checkpoint_is_written_on_resume(data, tmp_path, capsys,
+                                                                   monkeypatch):
+    # A full disk (or a kill) between the epoch's checkpoint and its line in log.jsonl: the
+    # checkpoint carries the line, and the resume writes it; the resume also says where it
+    # continues and that --accum-steps changed the BatchNorm batch.
+    real = train.append_line
+
+    def full_disk_for_the_log(path, record):
+        if path.endswith("log.jsonl"):
+            raise train.RunError(f"cannot write {path} (No space left on device)")
+        return real(path, record)
+    monkeypatch.setattr(train, "append_line", full_disk_for_the_log)
+    err = run_failing(tiny(data, tmp_path, "--stop-after", "1"), capsys, training_started=True)
+    assert "log.jsonl (No space left on device)" in err
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["record"]["epoch"] == 1
+    assert not (tmp_path / "log.jsonl").exists()
+    monkeypatch.setattr(train, "append_line", real)
+    (tmp_path / "log.jsonl").write_text('{"val_top1": ')  # and a line torn by a partial write
+    assert train.cli(tiny(data, tmp_path, "--resume", "auto", "--accum-steps", "2")) == 0
+    out, err = capsys.readouterr()
+    assert "the line of epoch 1 was missing" in out and "written from the checkpoint" in out
+    assert f"resuming from {tmp_path / 'checkpoint.pt'}: step 3 of 6 (epoch 2)" in out
+    assert ("changed since the checkpoint: --accum-steps 1 -> 2, so the BatchNorm batch (images "
+            "per rank and micro-step) 8 -> 4") in out
+    assert "log.jsonl ended in a torn line, cut off: '{\"val_top1\": '" in err
+    log = read_log(tmp_path)  # every line a record: nothing glued onto the torn one
+    assert log[0] == ckpt["record"] and [r["epoch"] for r in log] == [1, 2]
+    assert [(e["outcome"], e["status"]) for e in read_jsonl(tmp_path / "exits.jsonl")] == [
+        ("failed", 2), ("finished", 0)]
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_torn_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"epoch": 1}\n')
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, limit[1]))  # the file may grow to 100 bytes
+    try:
+        with pytest.raises(train.RunError, match="cannot write"):
+            train.append_line(str(path), {"epoch": 2, "pad": "x" * 200})  # the kernel writes 87
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_text() == '{"epoch": 1}\n'  # the partial line was taken back
+    train.append_line(str(path), {"epoch": 2})
+    assert read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
+
+
+def test_resume_with_renamed_or_reordered_class_folders_is_refused(data, full_run, tmp_path,
+                                                                   capsys):
+    root = shutil.copytree(data, tmp_path / "data")
+    for split in ("train", "val"):  # cat -> zebra: dog, fox, zebra would be labels 0, 1, 2
+        (root / split / "cat").rename(root / split / "zebra")
+    err = run_failing(tiny(root, tmp_path / "run", "--resume", str(full_run / "checkpoint.pt")),
+                      capsys)
+    assert f"class folders of {root / 'train'} are not those the checkpoint was trained on" in err
+    assert "label 0 was class 'cat' and is now 'dog'" in err
+    assert load(full_run / "checkpoint.pt")["classes"] == list(CLASSES)
+
+
+@pytest.mark.parametrize("mixing", [[], ["--mixup", "0", "--cutmix", "0"]])
+def test_a_data_folder_gone_mid_run_ends_with_one_line_and_loses_nothing(data, tmp_path, capsys,
+                                                                         monkeypatch, mixing):
+    # train/ disappears after epoch 1 (an unmounted filesystem): every item of epoch 2 becomes a
+    # blank (label -1), which mixup and the loss would refuse with a traceback.
+    root = shutil.copytree(data, tmp_path / "data")
+    real = train.end_epoch
+
+    def unmounted_after_epoch_1(run, record):
+        real(run, record)
+        shutil.move(root / "train", tmp_path / "elsewhere")
+    monkeypatch.setattr(train, "end_epoch", unmounted_after_epoch_1)
+    err = run_failing(tiny(root, tmp_path / "run", *mixing), capsys, training_started=True)
+    assert err == (f"train.py: error: {root / 'train'}: 64 files in a row cannot be read: is the "
+                   f"data folder still there (an unmounted filesystem?) (at step 4, epoch 2); "
+                   f"the last checkpoint stays in {tmp_path / 'run'}")
+    assert load(tmp_path / "run" / "checkpoint.pt")["step"] == 3  # epoch 1's, untouched
+    assert [r["epoch"] for r in read_log(tmp_path / "run")] == [1]
+    assert read_jsonl(tmp_path / "run" / "exits.jsonl")[-1]["outcome"] == "failed"
+
+
+def test_image_files_reached_twice_through_links_are_refused(data, tmp_path, capsys):
+    root = shutil.copytree(data, tmp_path / "data")
+    loop = root / "train" / "cat" / "again"
+    loop.symlink_to(root / "train" / "cat")  # 8 files would become 8 x 41
+    err = run_failing(tiny(root, tmp_path / "run"), capsys)
+    assert f"{loop} is {root / 'train' / 'cat'} again (a symbolic link loop" in err
+    loop.unlink()
+    twice = root / "train" / "dog" / "cat.jpg"
+    twice.symlink_to(root / "train" / "cat" / "0.jpg")  # one image, two labels
+    err = run_failing(tiny(root, tmp_path / "run"), capsys)
+    assert f"{twice} is {root / 'train' / 'cat' / '0.jpg'} again (a second link" in err
+    twice.unlink()
+    outside = tmp_path / "outside.jpg"  # a link to an image reached once is fine
+    shutil.copy(root / "train" / "cat" / "0.jpg", outside)
+    (root / "train" / "dog" / "linked.jpg").symlink_to(outside)
+    assert len(train.ImageFiles(str(root / "train"), None, True, 32)) == 25
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import errno
 import functools
 import hashlib
 import json
@@ -32,7 +33,14 @@ import sys
 import time
 from itertools import islice
 
-import torch
+# A stop signal is caught from the first moment, also while torch loads (seconds): the run then
+# stops cleanly before training (see "Signals" below the Machinery banner).
+EARLY_SIGNALS = []
+if __name__ == "__main__":
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import torch  # noqa: E402  (after the signal handlers above)
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -607,6 +615,9 @@ def precise_bn_batches(run, seed):
     loader = DataLoader(Subset(run.train_set, mine), run.micro_batch, num_workers=run.workers,
                         generator=generator, pin_memory=run.device.type == "cuda")
     for images, labels, _ in loader:  # unreadable files are replaced; training names them
+        if (labels < 0).any():  # blanks: the data folder is gone (see Monitor)
+            raise RunError(f"{data_gone(run)} (in precise BN after epoch {run.epoch}); the last "
+                           f"checkpoint stays in {run.args.out}")
         yield to_device(images, labels, run.device, run.args.lighting)[0]
 
 
@@ -783,6 +794,7 @@ def checked_inputs(args, world_size):
         if args.resume:
             check_not_diverged(args)
             ckpt, path = load_checkpoint(args)
+            check_classes(ckpt, path, train_set)
     except RunError as e:
         error = e
     agree(error, world_size)
@@ -797,29 +809,31 @@ def checked_inputs(args, world_size):
 @contextlib.contextmanager
 def run_folder(args, rank, world_size):
     """Sets args.out: a new runs/MODEL-DATE-TIME unless --out was given, picked by rank 0 for all
-    ranks. A folder made here is removed again if the run fails before it writes anything."""
-    if args.out:
-        yield
-        return
-    out, error = None, None
-    if rank == 0:  # claimed by creating it: two runs started in the same second get two folders
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = os.path.join("runs", f"{args.model}-{stamp}")
-        for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
-            try:
-                os.makedirs(out)
-                break
-            except FileExistsError:
-                continue
-            except OSError as e:
-                error = RunError(f"cannot create the run folder {out} ({e.strerror})")
-                break
-    agree(error, world_size)
-    args.out = all_gather(out, world_size)[0]
+    ranks. Inside, the run is set up (data, model, checkpoint); a stop signal that came meanwhile,
+    to any rank, ends it after that, cleanly. A folder made here is removed again if the run
+    fails or stops before it writes anything."""
+    made = not args.out
+    if made:
+        out, error = None, None
+        if rank == 0:  # claimed by creating it: two runs started in the same second get two
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            base = os.path.join("runs", f"{args.model}-{stamp}")
+            for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
+                try:
+                    os.makedirs(out)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    error = RunError(f"cannot create the run folder {out} ({e.strerror})")
+                    break
+        agree(error, world_size)
+        args.out = all_gather(out, world_size)[0]
     try:
         yield
+        stop_if_signalled(world_size)
     except RunError:
-        if rank == 0:  # the folder made for this run is still empty
+        if rank == 0 and made:  # the folder made for this run is still empty
             with contextlib.suppress(OSError):
                 os.rmdir(args.out)
         raise
@@ -840,32 +854,40 @@ def check_out(args):
 
 @contextlib.contextmanager
 def started(run, argv):
-    """Signals caught (the first SIGINT/SIGTERM stops the run at the next check, with a
-    checkpoint), the run folder created and locked, the invocation recorded in args.jsonl, the
-    run's summary printed; the lock and the previous signal handlers are restored after."""
-    handlers = {s: signal.signal(s, on_signal(run)) for s in (signal.SIGINT, signal.SIGTERM)}
+    """The run folder created and locked, log.jsonl made whole from the checkpoint, the invocation
+    recorded in args.jsonl, the run's summary printed (and, when resuming, where it continues and
+    what changed); the first SIGINT/SIGTERM stops the run at the next check, with a checkpoint.
+    After: how the invocation ended goes to exits.jsonl, and the lock is released."""
     args = run.args
 
     def write():
         try:
             os.makedirs(args.out, exist_ok=True)
             run.lock = lock(args.out)
+            reconcile_log(run)
             record_invocation(run, argv)
         except OSError as e:
             raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    try:
-        on_rank_0(run, write)
-        if run.rank == 0:
-            cx = vitc.complexity(run.model)
-            print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M params | "
-                  f"{run.world_size} x {run.device.type}, global batch {args.batch_size}, "
-                  f"{run.steps_per_epoch} steps/epoch | torch {torch.__version__} | out {args.out}")
-        yield
-    finally:
-        if run.lock is not None:
-            run.lock.close()
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+    ending = ("failed", 1, "an exception (traceback above)")
+    with stop_signals(run):
+        try:
+            on_rank_0(run, write)
+            if run.rank == 0:
+                cx = vitc.complexity(run.model)
+                print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M "
+                      f"params | {run.world_size} x {run.device.type}, global batch "
+                      f"{args.batch_size}, {run.steps_per_epoch} steps/epoch | torch "
+                      f"{torch.__version__} | out {args.out}")
+                report_resume(run)
+            yield
+            ending = ("finished" if run.epoch == args.epochs else "stopped", 0, None)
+        except BaseException as e:
+            ending = how_it_ended(e)
+            raise
+        finally:
+            if run.lock is not None:  # rank 0, once it holds the folder
+                record_exit(run, *ending)
+                run.lock.close()
 
 
 def lock(folder):
@@ -924,6 +946,87 @@ def record_invocation(run, argv):
     append_line(os.path.join(args.out, "args.jsonl"), entry)
 
 
+def reconcile_log(run):
+    """Makes log.jsonl hold the line of the checkpoint's last epoch: the checkpoint is written
+    first and carries that line (run.record), so a full disk or a kill between the two writes
+    cannot lose it for good."""
+    record = run.record
+    if record is None:  # a new run, or a checkpoint of a train.py that carried no record
+        return
+    path = os.path.join(run.args.out, "log.jsonl")
+    logged = [r.get("epoch") for r in read_records(path) if "train_loss" in r]
+    if record["epoch"] not in logged:
+        append_line(path, record)
+        print(f"{path}: the line of epoch {record['epoch']} was missing (the run ended between "
+              f"its checkpoint and its line); written from the checkpoint")
+
+
+def read_records(path):
+    """The JSON records of a .jsonl file, without the lines that are not (a torn last line)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict)]
+
+
+# The flags a resumed run may change that are not news: they are per invocation.
+PER_INVOCATION = ("resume", "stop_after")
+
+
+def report_resume(run):
+    """Says where a resumed run continues, and which of its flags changed since the checkpoint,
+    with what that changes in the BatchNorm batch (the images per rank and micro-step)."""
+    if run.resumed is None:
+        return
+    old, total = run.resumed["args"], run.args.epochs * run.steps_per_epoch
+    within = run.step - run.epoch * run.steps_per_epoch
+    print(f"resuming from {run.resumed['path']}: step {run.step} of {total} (epoch "
+          f"{run.epoch + 1}{f', {within} steps into it' if within else ''})")
+    changed = [f"--{key.replace('_', '-')} {old[key]} -> {value}"
+               for key, value in vars(run.args).items()
+               if key in old and key not in PER_INVOCATION and old[key] != value]
+    old_ranks = run.resumed["world_size"]
+    if old_ranks != run.world_size:
+        changed.append(f"world size {old_ranks} -> {run.world_size}")
+    old_micro = old["batch_size"] // (old_ranks * old.get("accum_steps", 1))
+    if old_micro != run.micro_batch:
+        changed.append(f"so the BatchNorm batch (images per rank and micro-step) "
+                       f"{old_micro} -> {run.micro_batch}")
+    if changed:
+        print(f"changed since the checkpoint: {', '.join(changed)}")
+
+
+def how_it_ended(error):
+    """(outcome, exit status, message) of an invocation ended by `error`."""
+    if isinstance(error, Diverged):
+        return "diverged", error.status, str(error)
+    if isinstance(error, RunError):
+        return "failed", error.status, str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "failed", 130, "aborted by a second Ctrl-C"
+    first_line = (str(error).splitlines() or [""])[0]
+    return "failed", 1, f"{type(error).__name__}: {first_line}"
+
+
+def record_exit(run, outcome, status, message):
+    """Appends how this invocation ended to OUT/exits.jsonl (rank 0): finished, stopped, diverged
+    or failed, its exit status, step and error line, and the Slurm job it ran in. torchrun's own
+    exit status cannot tell a clean stop from a failure, and a sweep's Slurm script reads this."""
+    entry = {"ended": datetime.datetime.now().isoformat(timespec="seconds"), "time": time.time(),
+             "outcome": outcome, "status": status, "epoch": run.epoch, "step": run.step,
+             "error": message, "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    try:
+        append_line(os.path.join(run.args.out, "exits.jsonl"), entry)
+    except RunError as e:  # the run's own outcome stands
+        print(f"train.py: warning: {e}", file=sys.stderr)
+
+
 def report_stop(run, why=None):
     """Says how to continue a run that stops before its end; returns its exit status, 0."""
     why = why or f"stopped by {run.stop_signal or 'a signal to another rank'}"
@@ -974,6 +1077,7 @@ class Monitor:
         self.run, self.epoch = run, epoch
         self.losses, self.skipped, self.unreadable, self.blanks = [], [], [], []
         self.step_unreadable = self.step_blanks = 0
+        self.data_gone = False  # blanks seen on this rank: the run stops at the next check
         self.window_step, self.window_start = run.step, time.perf_counter()
         run.epoch_start, run.resumed_mid_epoch = self.window_start, first > 0
         if run.device.type == "cuda":
@@ -988,9 +1092,21 @@ class Monitor:
         self.bar.close()  # also before an error, so that its message starts a line of its own
 
     def count_unreadable(self, bad, labels):
-        """A micro-batch's unreadable files (named now, on this rank) and blanks (label -1)."""
-        self.step_unreadable += warn_unreadable(self.run, bad)
-        self.step_blanks += int((labels < 0).sum())  # a CPU tensor: no device sync
+        """A micro-batch's unreadable files (named now, on this rank) and blanks (label -1: the
+        data folder is likely gone). Blanks are counted, then labelled 0 in place so that mixup
+        and the loss accept them: the run stops at the next check, on every rank, before
+        anything is checkpointed, so no weight trained on them is kept."""
+        blanks = int((labels < 0).sum())  # a CPU tensor: no device sync
+        if blanks:
+            labels.clamp_(min=0)
+            if not self.data_gone:
+                self.data_gone = True
+                tqdm.write(f"train.py: warning: {rank_prefix(self.run)}{data_gone(self.run)}; "
+                           f"stopping at the next check", file=sys.stderr)
+        # once the folder seems gone, its files are counted but no longer named one by one
+        self.step_unreadable += (sum(map(bool, bad)) if self.data_gone
+                                 else warn_unreadable(self.run, bad))
+        self.step_blanks += blanks
 
     def after_step(self, loss, skipped=None):
         """Keeps the step's figures (`skipped`: fp16 skipped the update); every CHECK_EVERY steps
@@ -1023,8 +1139,8 @@ class Monitor:
             step, unreadable, blanks = self.window_step + i + 1, stats[n + i], stats[2 * n + i]
             progress["unreadable"] += int(unreadable)
             if blanks:
-                raise RunError(f"{MAX_UNREADABLE_IN_A_ROW} train files in a row are unreadable "
-                               f"(named above): is the data folder still there?")
+                raise RunError(f"{data_gone(run)} (at step {step}, epoch {self.epoch + 1}); "
+                               f"the last checkpoint stays in {run.args.out}")
             check_unreadable(run, unreadable, self.epoch, step)
             loss = stats[i] / run.world_size
             if not math.isfinite(loss):
@@ -1043,17 +1159,28 @@ class Monitor:
         return stop
 
 
+def data_gone(run):
+    """What a blank (MAX_UNREADABLE_IN_A_ROW unreadable train files in a row) means."""
+    return (f"{getattr(run.train_set, 'root', run.args.data)}: {MAX_UNREADABLE_IN_A_ROW} files "
+            f"in a row cannot be read: is the data folder still there (an unmounted filesystem?)")
+
+
+def rank_prefix(run):
+    return f"[rank {run.rank}] " if run.world_size > 1 else ""
+
+
 def stop_diverged(run, loss, epoch, step):
     """A non-finite loss: marked in the log (a sweep's report counts the run as diverged), then
     the run stops before anything is checkpointed; the last good checkpoint stays."""
     marker = {"epoch": epoch + 1, "step": step, "diverged": str(loss)}
     on_rank_0(run, functools.partial(append_line, os.path.join(run.args.out, "log.jsonl"), marker))
-    raise RunError(f"loss is {loss} at step {step} (epoch {epoch + 1}); stopped, the last good "
+    raise Diverged(f"loss is {loss} at step {step} (epoch {epoch + 1}); stopped, the last good "
                    f"checkpoint stays in {run.args.out}")
 
 
 def end_epoch(run, record):
-    """The epoch's figures into its record, the checkpoint, then the record into log.jsonl."""
+    """The epoch's figures into its record, the checkpoint (which carries the record), then the
+    record into log.jsonl; should that line not get written, the next resume writes it."""
     args, progress = run.args, run.progress
     record.update(epoch_time=time.perf_counter() - run.epoch_start + progress["epoch_time"],
                   images_per_sec=progress["steps"] * args.batch_size / progress["seconds"],
@@ -1065,6 +1192,7 @@ def end_epoch(run, record):
     if run.device.type == "cuda":
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
     run.progress = new_progress()
+    run.record = record
     save_checkpoint(run)
     on_rank_0(run, lambda: append_line(os.path.join(args.out, "log.jsonl"), record))
     if run.rank == 0:
@@ -1092,6 +1220,7 @@ class ImageFiles(datasets.ImageFolder):
     MAX_UNREADABLE_IN_A_ROW unreadable files in a row, the item is a blank image with label -1."""
 
     def __init__(self, root, transform, replace, blank_size):
+        check_reached_once(root)
         super().__init__(root, transform)
         self.replace, self.blank_size = replace, blank_size
 
@@ -1108,6 +1237,45 @@ class ImageFiles(datasets.ImageFolder):
             return self.transform(image), label, own
         blank = Image.new("RGB", (self.blank_size, self.blank_size))
         return self.transform(blank), -1, own
+
+
+def check_reached_once(root):
+    """ImageFolder follows symbolic links: a link to a folder above it (a loop) repeats its files
+    until the path is too long (40 files became 1,640), and a second link to a folder or file
+    counts those images twice, under two labels if in two classes. Refused, with the first such
+    path. One walk of the folders; only linked files are looked up one by one."""
+    folders, linked = {}, []  # (device, inode) of each folder reached -> its path; linked files
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in folders:
+            raise RunError(f"{folder} is {folders[info.st_dev, info.st_ino]} again (a symbolic "
+                           f"link loop, or a second link to a folder): its images would count "
+                           f"more than once; remove the link")
+        folders[info.st_dev, info.st_ino] = folder
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():  # follows links, as ImageFolder does
+                    pending.append(entry.path)
+                elif entry.is_symlink():
+                    linked.append(entry.path)
+    files = {}  # (device, inode) of each linked image -> the first link to it
+    for path in linked:
+        if not datasets.folder.has_file_allowed_extension(path, datasets.folder.IMG_EXTENSIONS):
+            continue  # not an image: ImageFolder leaves it out
+        try:
+            real = os.path.realpath(path)
+            info, parent = os.stat(real), os.stat(os.path.dirname(real))
+        except OSError:  # a dangling link: an unreadable file, named when read
+            continue
+        if (parent.st_dev, parent.st_ino) in folders:  # the image is also reached where it is
+            first = os.path.join(folders[parent.st_dev, parent.st_ino], os.path.basename(real))
+        else:
+            first = files.setdefault((info.st_dev, info.st_ino), path)
+        if first != path:
+            raise RunError(f"{path} is {first} again (a second link to an image): it would "
+                           f"count twice; remove the link")
 
 
 class FakeImages(datasets.FakeData):
@@ -1132,9 +1300,9 @@ class SkipSampler(torch.utils.data.Sampler):
 def warn_unreadable(run, bad):
     """Warns about each unreadable file in a batch's `bad` strings; returns how many there were."""
     files = [entry for entry in bad if entry]
-    prefix = f"[rank {run.rank}] " if run.world_size > 1 else ""
     for line in files:
-        tqdm.write(f"train.py: warning: {prefix}unreadable image {line}", file=sys.stderr)
+        tqdm.write(f"train.py: warning: {rank_prefix(run)}unreadable image {line}",
+                   file=sys.stderr)
     return len(files)
 
 
@@ -1207,6 +1375,7 @@ def save_checkpoint(run):
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "epoch": run.epoch, "step": run.step, "steps_per_epoch": run.steps_per_epoch,
         "best": list(run.best), "args": vars(run.args), "progress": run.progress,
+        "record": run.record, "classes": getattr(run.train_set, "classes", None),
         "rng": states}, checkpoint_file(run.args)))
 
 
@@ -1254,6 +1423,22 @@ def load_checkpoint(args):
     return ckpt, path
 
 
+def check_classes(ckpt, path, train_set):
+    """The class folders must be those the checkpoint was trained on, in the same order: a label
+    is a class folder's place in the sorted list, so a folder renamed, added or removed would
+    silently permute the labels of a resumed run."""
+    old, new = (ckpt or {}).get("classes"), getattr(train_set, "classes", None)
+    if old is None or new is None or old == new:  # a checkpoint that holds none: not checkable
+        return
+    label, was, now = next(((i, a, b) for i, (a, b) in enumerate(zip(old, new)) if a != b),
+                           (min(len(old), len(new)), None, None))
+    change = (f"label {label} was class {was!r} and is now {now!r}" if was and now else
+              f"it had {len(old)} classes, the data has {len(new)}")
+    raise RunError(f"--resume {path}: the class folders of {train_set.root} are not those the "
+                   f"checkpoint was trained on ({change}); renamed or reordered folders would "
+                   f"permute the labels")
+
+
 def check_not_diverged(args):
     """A run whose loss went non-finite (its log's last line says so) is not resumed: on the same
     settings it repeats the divergence, or on a GPU's non-deterministic kernels sometimes not,
@@ -1271,7 +1456,11 @@ def check_not_diverged(args):
 
 
 def check_resume(run, ckpt, path):
-    """Every rank must see the same checkpoint, and the epoch must have the same steps."""
+    """Every rank must see the same checkpoint, and the epoch must have the same steps. Keeps
+    what the run reports of its resume, and the log line of the checkpoint's last epoch."""
+    run.record = None if ckpt is None else ckpt.get("record")
+    run.resumed = None if ckpt is None else {"path": path, "args": ckpt["args"],
+                                             "world_size": len(ckpt["rng"])}
     steps = all_gather(None if ckpt is None else ckpt["step"], run.world_size)
     if len(set(steps)) > 1:
         raise RunError(f"the ranks found different checkpoints at {path} (steps {steps}): --out "
@@ -1323,11 +1512,36 @@ def save_atomic(obj, path):
 
 
 def append_line(path, record):
+    """Appends `record` as one JSON line, never onto a torn one: a line left without its newline
+    (a write cut short by a full disk, a kill) is cut off first, with a warning; a write that
+    fails is undone the same way. Synced, as the checkpoints are."""
+    line = (json.dumps(record) + "\n").encode()
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError as e:
         raise RunError(f"cannot write {path} ({e.strerror or e})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            whole = os.pread(fd, size, 0).rfind(b"\n") + 1
+            torn = os.pread(fd, size - whole, whole)
+            print(f"train.py: warning: {path} ended in a torn line, cut off: "
+                  f"{torn[:60].decode(errors='replace')!r}", file=sys.stderr)
+            os.ftruncate(fd, whole)
+            size = whole
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes")
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no torn line left behind
+            raise
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1335,22 +1549,70 @@ def append_line(path, record):
 # ------------------------------------------------------------------------------------------------
 
 
-def on_signal(run):
-    """The SIGINT/SIGTERM handler: the first signal asks the run to stop at the next check, with
-    a checkpoint; a second aborts."""
-    main_process = os.getpid()
+class Stop:
+    """This process's stop signals, caught from its start (cli), before the run exists: the first
+    SIGINT or SIGTERM asks the run to stop; the run takes it over once set up (run.stop_signal)."""
+    signal = None  # the first signal's name
+    run = None  # the run it stops, once there is one
+    pid = None  # the process that caught it (DataLoader workers inherit the handler)
 
-    def handler(signum, frame):
-        if os.getpid() != main_process:  # a DataLoader worker: the main process decides
-            return
-        if run.stop_signal is not None:  # a second signal: stop now
+
+@contextlib.contextmanager
+def stop_signals(run=None):
+    """SIGINT and SIGTERM go to on_signal inside (the previous handlers come back after); with
+    `run`, the run is told of a signal, also of one that came before."""
+    previous = None
+    if Stop.pid != os.getpid():  # not yet caught (by an enclosing stop_signals)
+        Stop.signal, Stop.run, Stop.pid = None, None, os.getpid()
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        for signum in EARLY_SIGNALS:  # caught while train.py started
+            on_signal(signum, None)
+        EARLY_SIGNALS.clear()
+    if run is not None:
+        Stop.run, run.stop_signal = run, Stop.signal
+    try:
+        yield
+    finally:
+        if run is not None:
+            Stop.run = None
+        if previous is not None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            Stop.pid = None
+
+
+def on_signal(signum, frame):
+    """The first SIGINT or SIGTERM stops the run at its next check, with a checkpoint (before
+    training: at its start, with nothing written). SIGTERM again changes nothing: Slurm and
+    torchrun may each send one, and a scheduler's stop must not become an abort; a SIGINT after
+    the first signal (Ctrl-C again) aborts."""
+    if os.getpid() != Stop.pid:  # a DataLoader worker: the main process decides
+        return
+    name = signal.Signals(signum).name
+    rank_0 = int(os.environ.get("RANK", 0)) == 0
+    if Stop.signal is not None:
+        if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        run.stop_signal = signal.Signals(signum).name
-        if run.rank == 0:
-            print(f"\n{run.stop_signal}: finishing the current step and those up to the next "
-                  f"check (at most {CHECK_EVERY} steps), then saving a checkpoint (send it again "
-                  f"to abort)", file=sys.stderr)
-    return handler
+        if rank_0:
+            print(f"\n{name} again: the stop is under way (Ctrl-C aborts it)", file=sys.stderr)
+        return
+    Stop.signal = name
+    if Stop.run is not None:
+        Stop.run.stop_signal = name
+    if rank_0 and Stop.run is None:
+        print(f"\n{name}: the run stops once set up, before training begins (Ctrl-C aborts)",
+              file=sys.stderr)
+    elif rank_0:
+        print(f"\n{name}: finishing the current step and those up to the next check (at most "
+              f"{CHECK_EVERY} steps), then saving a checkpoint (Ctrl-C aborts)", file=sys.stderr)
+
+
+def stop_if_signalled(world_size):
+    """Ends the run cleanly, before it writes anything, if a rank was signalled during the setup."""
+    signals = [s for s in all_gather(Stop.signal, world_size) if s]
+    if signals:
+        raise StoppedEarly(f"stopped by {signals[0]} before training began, nothing written; "
+                           f"run the same command again to train")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1368,6 +1630,15 @@ class FolderInUse(RunError):
     status = 3
 
 
+class Diverged(RunError):
+    """The loss went non-finite: bad input's status, and "diverged" in exits.jsonl."""
+
+
+class StoppedEarly(RunError):
+    """A stop signal came before training began: a clean end, exit status 0."""
+    status = 0
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)": such helps say the default
         return action.help if action.default is None else super()._get_help_string(action)
@@ -1380,13 +1651,23 @@ class Parser(argparse.ArgumentParser):
 
 def run_cli(main, name, argv=None):
     """main(argv), with a RunError reported as one line `NAME: error: ...` (by rank 0 only under
-    torchrun) and its exit status, never a traceback. Used by train.py and every tool."""
+    torchrun) and its exit status, never a traceback. Used by train.py and every tool. Output
+    piped to a reader that stops early (`sweep.py report | head`) ends quietly, with the status
+    of a process killed by SIGPIPE."""
     try:
-        return main(argv)
+        status = main(argv)
+        sys.stdout.flush()  # a reader gone shows here, not as a traceback at the exit
+        return status
     except RunError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{name}: error: {e}", file=sys.stderr)
+            if e.status == 0:  # not an error: a clean end, said as such
+                print(f"{name}: {e}", flush=True)
+            else:
+                print(f"{name}: error: {e}", file=sys.stderr)
         return e.status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes
+        return 128 + signal.SIGPIPE
 
 
 class OneLineErrors(ErrorHandler):
@@ -1395,6 +1676,8 @@ class OneLineErrors(ErrorHandler):
 
     def record_exception(self, e):
         file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if isinstance(e, RunError) and e.status == 0:  # a clean end: no error to report
+            return
         if not isinstance(e, RunError) or not file:
             return super().record_exception(e)
         line = f"train.py: error: {e}"
@@ -1404,10 +1687,12 @@ class OneLineErrors(ErrorHandler):
 
 
 def cli(argv=None):
-    """train.py's entry point: main() with one-line errors, also as torchrun's root cause."""
-    under_torchrun = "TORCHELASTIC_ERROR_FILE" in os.environ
-    entry = record_errors(main, OneLineErrors()) if under_torchrun else main
-    return run_cli(entry, "train.py", argv)
+    """train.py's entry point: main() with stop signals caught first thing, and one-line errors,
+    also as torchrun's root cause."""
+    with stop_signals():
+        under_torchrun = "TORCHELASTIC_ERROR_FILE" in os.environ
+        entry = record_errors(main, OneLineErrors()) if under_torchrun else main
+        return run_cli(entry, "train.py", argv)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
 
 
-def read_jsonl(path):
-    """The records of a .jsonl file; a torn last line (a run killed while writing) is ignored."""
-    records = []
+def warn(message):
+    """A warning line on stderr, named after the tool that runs (plot.py, sweep.py)."""
+    print(f"{os.path.basename(sys.argv[0])}: warning: {message}", file=sys.stderr)
+
+
+def read_jsonl(path, valid=lambda record: True, what="a JSON record"):
+    """The records of a .jsonl file for which valid(record) holds. Any other line (torn by a
+    write cut short, or garbled) is skipped with a warning that names the file and line: one bad
+    line must not hide the rest of a run, nor one bad run the others."""
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: cannot read it ({e})") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read it ({e.strerror or e})") from None
+    records = []
     for i, line in enumerate(lines):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             record = None
-        if isinstance(record, dict):
+        if isinstance(record, dict) and valid(record):
             records.append(record)
-        elif i < len(lines) - 1 or record is not None:
-            raise RunError(f"{path}: line {i + 1} is not a JSON record")
+        else:
+            warn(f"{path}: line {i + 1} is not {what}, skipped: {line[:60]!r}")
     return records
 
 
@@ -44,22 +51,25 @@ def read_run(folder, need_log=True):
     there is no log.jsonl and `need_log` is False}."""
     if not os.path.isdir(folder):
         raise RunError(f"{folder}: no such folder")
-    log_path, args_path = (os.path.join(folder, f) for f in ("log.jsonl", "args.jsonl"))
+    log_path = os.path.join(folder, "log.jsonl")
     if not os.path.exists(log_path):
         if need_log:
             raise RunError(f"{folder}: no log.jsonl (not a train.py run folder, or its first "
                             f"epoch has not ended)")
         log = None
     else:
-        log = read_jsonl(log_path)
-        if any(not isinstance(r.get("epoch"), int) for r in log):
-            raise RunError(f"{log_path}: a record without its epoch: not train.py's log")
-    invocations = read_jsonl(args_path) if os.path.exists(args_path) else []
-    args = invocations[-1].get("args") if invocations else {}
-    if not isinstance(args, dict) or args and not {"model", "optimizer", "lr", "wd",
-                                                   "epochs"} <= args.keys():
-        raise RunError(f"{args_path}: not train.py's arguments")
-    return {"folder": folder, "args": args, "log": log}
+        log = read_jsonl(log_path, lambda r: isinstance(r.get("epoch"), int),
+                         "a record of train.py's log (with its epoch)")
+    return {"folder": folder, "args": read_args(folder), "log": log}
+
+
+def read_args(folder):
+    """train.py's arguments of a run folder (its last invocation's, in args.jsonl), or {}."""
+    path = os.path.join(folder, "args.jsonl")
+    invocations = read_jsonl(path, lambda r: isinstance(r.get("args"), dict) and {
+        "model", "optimizer", "lr", "wd", "epochs"} <= r["args"].keys(),
+        "train.py's arguments") if os.path.exists(path) else []
+    return invocations[-1]["args"] if invocations else {}
 
 
 def describe(args):

@@ -15,7 +15,8 @@ its train.py arguments) and SWEEP/commands.txt, print one train.py command per r
 --launch, run them: `local` one after another, each in SWEEP/NAME with its output in
 SWEEP/NAME/output.log (run the same command again to go on: finished and diverged runs are
 skipped, an interrupted one resumes from its checkpoint); `slurm` writes SWEEP/sweep.sbatch, a
-job array with one task per run, and runs nothing. Learning rates are quoted at batch 2048 and
+job array with one task per run still to do, and runs nothing (each task records its outcome in
+SWEEP/slurm.jsonl; see write_slurm). Learning rates are quoted at batch 2048 and
 train.py scales them to the batch it runs. `report` reads each run's log.jsonl: the error of a
 run is 100 - its final EMA top-1 (the model's top-1 with --no-ema). Runs that diverged (non-finite
 loss), failed or have not finished are counted and shown, never dropped: the EDF of a sweep is the
@@ -24,11 +25,14 @@ fraction of *all* its runs whose error is within x of the best run's.
 
 import argparse
 import datetime
+import getpass
 import json
 import math
 import os
 import random
+import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -37,7 +41,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
-from plot import data_note, plot_runs, pyplot, read_jsonl, read_run, save_figure  # noqa: E402
+from plot import (  # noqa: E402
+    data_note, plot_runs, pyplot, read_args, read_jsonl, read_run, save_figure, warn)
 
 import train  # noqa: E402
 from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
@@ -142,15 +147,16 @@ def plan_runs(args):
     return plan
 
 
-def launcher(gpus, here=False):
-    """The command prefix that starts train.py on `gpus` GPUs of one machine: as printed (python
-    or torchrun), or `here`, with this interpreter."""
+def launcher(ranks, here=False):
+    """The command prefix that starts train.py as `ranks` processes of one machine (one per GPU,
+    or gloo processes on its CPUs): as printed (python or torchrun), or `here`, with this
+    interpreter."""
     script = TRAIN_PY if here else os.path.relpath(TRAIN_PY)
     python = sys.executable if here else "python"
-    if gpus == 1:
+    if ranks == 1:
         return [python, script]
     torchrun = [python, "-m", "torch.distributed.run"] if here else ["torchrun"]
-    return [*torchrun, "--standalone", f"--nproc_per_node={gpus}", script]
+    return [*torchrun, "--standalone", f"--nproc_per_node={ranks}", script]
 
 
 def load_plan(folder):
@@ -187,7 +193,7 @@ def write_plan(args, plan):
             json.dump(manifest, f, indent=1)
         os.replace(path + ".tmp", path)
         with open(os.path.join(args.out, "commands.txt"), "w") as f:
-            f.writelines(shlex.join(launcher(args.gpus) + run["argv"]) + "\n" for run in plan)
+            f.writelines(shlex.join(launcher(args.ranks) + run["argv"]) + "\n" for run in plan)
     except OSError as e:
         raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
 
@@ -198,8 +204,13 @@ def gpu_hours(plan):
 
 
 def read_status(run, folder, launches):
-    """(status, error %, detail, log) of one run of a sweep; see run_status()."""
-    record = read_run(folder, need_log=False) if os.path.isdir(folder) else None
+    """(status, error %, detail, log) of one run of a sweep; see run_status(). A run whose files
+    cannot be read is `unreadable`, with a warning, and the others are still read."""
+    try:
+        record = read_run(folder, need_log=False) if os.path.isdir(folder) else None
+    except RunError as e:
+        warn(f"{run['name']}: {e}")
+        return "unreadable", None, str(e), []
     return (*run_status(run, record, launches.get(run["name"], {})),
             (record or {}).get("log") or [])
 
@@ -217,16 +228,23 @@ def run_status(run, record, launch):
         if top1 is not None:
             return "finished", 100 - top1, ""
     if launch.get("exit", 0) != 0 and not launch.get("signalled"):
-        return "failed", None, f"exit {launch['exit']}"
+        return "failed", None, f"exit {launch['exit']}" + (f": {launch['detail']}"
+                                                            if launch.get("detail") else "")
     if record is None or (record["log"] is None and not record["args"]):
         return "not started", None, ""
     return "unfinished", None, f"{len(epochs)} of {run['epochs']} epochs"
 
 
 def read_launches(out):
-    """The last launch record of each run (SWEEP/launch.jsonl, written by --launch local)."""
-    path = os.path.join(out, "launch.jsonl")
-    return {r["run"]: r for r in read_jsonl(path)} if os.path.exists(path) else {}
+    """The last launch record of each run: SWEEP/launch.jsonl (--launch local) and
+    SWEEP/slurm.jsonl (each Slurm task's end, written by its script through `task-end`)."""
+    records = []
+    for name in ("launch.jsonl", "slurm.jsonl"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            records += read_jsonl(path, lambda r: isinstance(r.get("run"), str) and "exit" in r,
+                                  "a launch record")
+    return {r["run"]: r for r in sorted(records, key=lambda r: str(r.get("ended")))}
 
 
 def launch_local(args, plan):
@@ -258,7 +276,7 @@ def launch_local(args, plan):
             start = time.time()
             with open(os.path.join(folder, "output.log"), "ab") as output:
                 # its own session: a Ctrl-C reaches train.py once, through forward()
-                child = subprocess.Popen(launcher(args.gpus, here=True) + run["argv"],
+                child = subprocess.Popen(launcher(args.ranks, here=True) + run["argv"],
                                          stdout=output, stderr=subprocess.STDOUT,
                                          start_new_session=True)
                 code = child.wait()
@@ -296,36 +314,167 @@ def last_line(path):
     return lines[-1].strip() if lines else "(no output)"
 
 
+# Slurm sends SIGTERM this long before a task's time limit (--signal), so that train.py can
+# checkpoint; it comes up to about a minute earlier still (Slurm checks every 30-60 s).
+SIGNAL_LEAD = 120
+
+
+def slurm_seconds(text):
+    """Seconds of a Slurm time ("MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS"), or
+    None for what is not one (e.g. UNLIMITED)."""
+    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        days = int(days)
+    except ValueError:
+        return None
+    if "-" in text:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+    elif len(parts) < 3:  # MM or MM:SS
+        parts = [0, *parts, *[0] * (2 - len(parts))]
+    hours, minutes, seconds = parts[:3]
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def signal_lead(sbatch):
+    """The lead of a --signal among the extra #SBATCH options, or SIGNAL_LEAD."""
+    leads = [re.match(r"--signal[= ]\S*@(\d+)", o.strip()) for o in sbatch]
+    return next((int(m[1]) for m in reversed(leads) if m), SIGNAL_LEAD)
+
+
+def check_time_limit(sbatch):
+    """Warns when a --time limit among the extra #SBATCH options leaves a task little time to
+    train before Slurm's stop signal, which comes up to a minute before its lead."""
+    lead = signal_lead(sbatch)
+    for option in sbatch:
+        match = re.match(r"(?:--time[= ]|-t ?)(\S+)$", option.strip())
+        limit = match and slurm_seconds(match[1])
+        if limit is not None and limit < lead + 60 + 300:
+            warn(f"{option.strip()}: Slurm sends the stop signal {lead}-{lead + 60} s before the "
+                 f"time limit (at once if the limit is shorter), so each task would train "
+                 f"{max(0, limit - lead - 60)} s or less before it checkpoints and stops: give a "
+                 f"--time comfortably longer than {lead + 60} s")
+
+
+def slurm_path(path, pattern=""):
+    """`path` + `pattern` for an #SBATCH line: quoted (Slurm splits its values on spaces), with
+    the path's `%` doubled (Slurm expands %j, %A, ... in file names, as it should the pattern's);
+    refused if it cannot be quoted."""
+    if any(c in path for c in '"\\\n'):
+        raise RunError(f"{path}: a path with a double quote, backslash or newline cannot be "
+                       f"written into a Slurm script: choose another --out")
+    return '"' + path.replace("%", "%%") + pattern + '"'
+
+
+def queued_tasks(script):
+    """{array task: 'JOB_TASK STATE'} of the tasks of `script` that Slurm still has queued or
+    running (a job requeued, or submitted twice), as squeue shows them; None when squeue
+    cannot tell (not installed, or no controller answers)."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        listing = subprocess.run(["squeue", "--noheader", "--array", f"--user={getpass.getuser()}",
+                                  "--format=%F|%K|%T|%o"], capture_output=True, text=True,
+                                 timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        warn(f"squeue failed ({e}): tasks of an earlier submission still queued would run twice")
+        return None
+    if listing.returncode != 0:
+        why = (listing.stderr.strip().splitlines() or [f"exit {listing.returncode}"])[-1]
+        warn(f"squeue failed ({why}): tasks of an earlier submission still queued would run "
+             f"twice")
+        return None
+    tasks, mine = {}, os.path.realpath(script)
+    for line in listing.stdout.splitlines():
+        job, task, state, command = (line.split("|", 3) + ["", "", ""])[:4]
+        if task.isdigit() and os.path.realpath(command) == mine:
+            tasks[int(task)] = f"{job}_{task} {state}"
+    return tasks
+
+
 def write_slurm(args, plan):
     """SWEEP/sweep.sbatch: a job array with a task for each run that still needs work (neither
-    finished nor diverged), its command written into the script itself."""
+    finished nor diverged, nor queued or running in Slurm), its command written into the script
+    itself. With nothing left to do, an earlier script is removed (submitted again, it would
+    start its tasks again). Returns its path, or None."""
     launches = read_launches(args.out)
-    todo = [i for i, run in enumerate(plan) if read_status(
-        run, os.path.join(args.out, run["name"]), launches)[0] not in ("finished", "diverged")]
     path = os.path.join(args.out, "sweep.sbatch")
+    queued = queued_tasks(path) or {}
+    todo = []
+    for i, run in enumerate(plan):
+        if read_status(run, os.path.join(args.out, run["name"]), launches)[0] in (
+                "finished", "diverged"):
+            continue
+        if i in queued:
+            print(f"# {run['name']}: left out, still in Slurm as job {queued[i]}")
+            continue
+        todo.append(i)
     if not todo:
-        print(f"# every run is finished or diverged: {path} not written")
+        gone = os.path.exists(path)
+        if gone:
+            os.remove(path)
+        print(f"# every run is finished, diverged or still in Slurm: {path} "
+              f"{'removed' if gone else 'not written'}")
         return None
-    commands = [shlex.quote(shlex.join(launcher(args.gpus, here=True) + run["argv"]))
+    check_time_limit(args.sbatch)
+    out = os.path.abspath(args.out)
+    job_name = re.sub(r"[^\w.+-]", "_", os.path.basename(out))  # a name, not a path: no quotes
+    commands = [shlex.quote(shlex.join(launcher(args.ranks, here=True) + run["argv"]))
                 for run in plan]
-    lines = ["#!/bin/bash",
-             "# Written by tools/sweep.py: one array task per run that still needed work when it",
-             "# was written. Submit with `sbatch` (add --partition, --time, ... there or below).",
-             "# To go on after a time limit or a failure, run the same sweep.py command again:",
-             "# it writes this script anew for the runs still to do, which resume from their",
-             "# checkpoints. train.py checkpoints on SIGTERM: --signal asks Slurm for one 120 s",
-             "# before the time limit.",
-             f"#SBATCH --job-name=sweep-{os.path.basename(os.path.normpath(args.out))}",
-             f"#SBATCH --array={','.join(map(str, todo))}",
-             "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --gpus-per-node={args.gpus}",
-             f"#SBATCH --cpus-per-task={args.gpus * args.cpus_per_gpu}",
-             f"#SBATCH --output={os.path.abspath(args.out)}/slurm-%A_%a.out",
-             "#SBATCH --open-mode=append", "#SBATCH --signal=B:TERM@120",
-             *(f"#SBATCH {a}" for a in args.sbatch),
-             "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
-             "commands=(", *commands, ")",
-             'eval "exec ${commands[$SLURM_ARRAY_TASK_ID]}"', ""]
+    if args.gpus:  # as many GPUs as ranks, and --cpus-per-gpu cores for each
+        resources = [f"#SBATCH --gpus-per-node={args.gpus}",
+                     f"#SBATCH --cpus-per-task={args.gpus * args.cpus_per_gpu}"]
+    else:  # CPUs only: no GRES, which a cluster without GPUs refuses
+        resources = [f"#SBATCH --cpus-per-task={args.cpus or args.ranks}"]
+    # The signal goes to train.py, not to torchrun: torchrun, once signalled itself, exits 1
+    # with a traceback however cleanly its ranks stopped.
+    forward = ('pkill -"$1" -P "$child" 2>/dev/null || kill -"$1" "$child" 2>/dev/null'
+               if args.ranks > 1 else 'kill -"$1" "$child" 2>/dev/null')
+    lines = [
+        "#!/bin/bash",
+        "# Written by tools/sweep.py: one array task per run that still needed work when it was",
+        "# written (neither finished nor diverged, nor queued or running in Slurm as squeue",
+        "# showed). Submit with `sbatch` (add --partition, --time, ... there or below).",
+        "# To go on after a time limit or a failure, run the same sweep.py command again: it",
+        "# writes this script anew for the runs still to do, which resume from their",
+        "# checkpoints. Do not submit a script while tasks of an earlier submission of it are",
+        "# queued or running (squeue --me): a run started twice fails on its folder's lock.",
+        "# Stopping: train.py checkpoints on SIGTERM, which this script passes on to it, and",
+        f"# --signal asks Slurm for one {signal_lead(args.sbatch)} s before the time limit. By "
+        "hand:",
+        "# `scancel --signal=TERM --batch JOB` (a plain `scancel -s TERM JOB` signals job steps",
+        "# only, and this script runs none); a plain `scancel JOB` stops it too, but kills what",
+        "# still runs after KillWait (30 s by default).",
+        "# Each task appends its exit status and its outcome (finished, stopped, diverged,",
+        "# failed) to slurm.jsonl in the sweep's folder, which `sweep.py report` reads.",
+        f"#SBATCH --job-name=sweep-{job_name}",
+        f"#SBATCH --array={','.join(map(str, todo))}",
+        "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", *resources,
+        f"#SBATCH --output={slurm_path(out, '/slurm-%A_%a.out')}",
+        "#SBATCH --open-mode=append",
+        *([] if any(o.strip().startswith("--signal") for o in args.sbatch)  # the user's wins
+          else [f"#SBATCH --signal=B:TERM@{SIGNAL_LEAD}"]),
+        *(f"#SBATCH {a}" for a in args.sbatch),
+        "set -uo pipefail", f"cd {shlex.quote(os.getcwd())} || exit 1",
+        "commands=(", *commands, ")",
+        "# torch's threads, per rank, from the CPUs Slurm gave the task (not all the node's)",
+        f"ranks={args.ranks}",
+        "threads=$(( ${SLURM_CPUS_PER_TASK:-$ranks} / ranks ))",
+        "export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))",
+        "started=$(date +%s) signalled=",
+        'eval "${commands[$SLURM_ARRAY_TASK_ID]} &"',
+        "child=$!",
+        f'forward() {{ signalled=$1; {forward}; }}',
+        "trap 'forward TERM' TERM",
+        "trap 'forward INT' INT",
+        "# a signal interrupts `wait` while train.py still runs: wait again, then take its status",
+        'while wait "$child"; status=$?; kill -0 "$child" 2>/dev/null; do :; done',
+        'wait "$child" 2>/dev/null; last=$?',
+        '[ "$last" -ne 127 ] && status=$last',
+        f'exec {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} task-end '
+        f'{shlex.quote(out)} "$SLURM_ARRAY_TASK_ID" --exit "$status" --since "$started" '
+        '${signalled:+--signalled "$signalled"}',
+        ""]
     try:
         with open(path, "w") as f:
             f.write("\n".join(lines))
@@ -334,13 +483,61 @@ def write_slurm(args, plan):
     return path
 
 
+def task_outcome(run, folder, code, since, signalled):
+    """(outcome, detail) of a Slurm task whose train.py ended with status `code`: the run's log
+    says finished or diverged; otherwise train.py's own word in exits.jsonl, written since the
+    task began (torchrun's status cannot tell a clean stop); otherwise a status of 0 is a stop,
+    and so is a signal before train.py began the run; anything else failed."""
+    status, _, detail, _ = read_status(run, folder, {})
+    if status in ("finished", "diverged", "unreadable"):
+        return ("failed" if status == "unreadable" else status), detail
+    path = os.path.join(folder, "exits.jsonl")
+    ends = [e for e in (read_jsonl(path) if os.path.exists(path) else [])
+            if isinstance(e.get("time"), (int, float)) and e["time"] >= since - 1]
+    if ends:
+        return ends[-1].get("outcome", "failed"), ends[-1].get("error") or ""
+    if code == 0:
+        return "stopped", ""
+    if code == train.FolderInUse.status:
+        return "failed", "its folder is in use by another train.py (a task submitted twice?)"
+    began = [a for a in (read_jsonl(os.path.join(folder, "args.jsonl"))
+                         if os.path.exists(os.path.join(folder, "args.jsonl")) else [])
+             if a.get("started", "") >= time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                      time.localtime(since - 1))]
+    if signalled and not began:
+        return "stopped", f"by {signalled} before train.py began the run"
+    return "failed", "no word from train.py: killed, out of memory, or a crash (see its output)"
+
+
+def task_end_command(args):
+    """Run by sweep.sbatch when a task's train.py has ended: appends the task's outcome to
+    SWEEP/slurm.jsonl, says it in the task's output, and exits 0 for a finished or cleanly
+    stopped run (also under torchrun), or with train.py's status otherwise."""
+    plan = load_plan(args.folder)
+    if not 0 <= args.task < len(plan):
+        raise RunError(f"{args.folder} plans {len(plan)} runs: no task {args.task}")
+    run = plan[args.task]
+    outcome, detail = task_outcome(run, os.path.join(args.folder, run["name"]), args.exit,
+                                   args.since, args.signalled)
+    status = 0 if outcome in ("finished", "stopped") else (args.exit or 1)
+    entry = {"run": run["name"], "task": args.task, "job": os.environ.get("SLURM_JOB_ID"),
+             "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"), "exit": status,
+             "train_exit": args.exit, "outcome": outcome, "signalled": outcome == "stopped",
+             "detail": detail, "seconds": round(time.time() - args.since),
+             "ended": datetime.datetime.now().isoformat(timespec="seconds")}
+    train.append_line(os.path.join(args.folder, "slurm.jsonl"), entry)
+    print(f"sweep.py: {run['name']} (array task {args.task}): {outcome}"
+          f"{f' ({detail})' if detail else ''}; exit status {status}", flush=True)
+    return status
+
+
 def plan_command(args):
     if args.launch == "local" and args.data not in (None, "fake") and not os.path.isdir(args.data):
         raise RunError(f"--data {args.data}: no such folder")
     plan = plan_runs(args)
     write_plan(args, plan)
     for run in plan:
-        print(shlex.join(launcher(args.gpus) + run["argv"]))
+        print(shlex.join(launcher(args.ranks) + run["argv"]))
     hours = gpu_hours(plan)
     print(f"# {len(plan)} runs, {sum(r['epochs'] for r in plan)} epochs in all; the same plan "
           f"on ImageNet-1k would take about {hours:,.0f} V100 GPU-hours (Table 1's epoch times, "
@@ -369,11 +566,12 @@ def is_run(folder):
     return any(os.path.exists(os.path.join(folder, f)) for f in ("args.jsonl", "log.jsonl"))
 
 
-def planned(folder, need_log):
+def planned(folder):
     """The settings of a run folder outside a sweep, from its args.jsonl."""
-    args = read_run(folder, need_log)["args"]
+    args = read_args(folder)
     if not args:
-        raise RunError(f"{folder}: no args.jsonl, so its model and settings are unknown")
+        raise RunError(f"{folder}: no readable args.jsonl, so its model and settings are "
+                       f"unknown")
     return {"name": os.path.basename(os.path.normpath(folder)),
             **{k: args[k] for k in ("model", "optimizer", "epochs", "lr", "wd")}}
 
@@ -387,9 +585,17 @@ def find_runs(folder):
     if os.path.exists(os.path.join(folder, "sweep.json")):
         return [(r, os.path.join(folder, r["name"])) for r in load_plan(folder)]
     if is_run(folder):
-        return [(planned(folder, need_log=True), folder)]
-    subs = sorted(os.path.join(folder, d) for d in os.listdir(folder))
-    runs = [(planned(d, need_log=False), d) for d in subs if is_run(d)]
+        if not os.path.exists(os.path.join(folder, "log.jsonl")):  # given alone: needs its log
+            raise RunError(f"{folder}: no log.jsonl (not a train.py run folder, or its first "
+                           f"epoch has not ended)")
+        return [(planned(folder), folder)]
+    runs = []
+    for sub in sorted(os.path.join(folder, d) for d in os.listdir(folder)):
+        if is_run(sub):
+            try:
+                runs.append((planned(sub), sub))
+            except RunError as e:  # one run that cannot be read must not hide the others
+                warn(f"{e}; left out")
     if not runs:
         raise RunError(f"{folder}: no runs (no sweep.json, and no train.py run folders in it)")
     return runs
@@ -408,7 +614,7 @@ def collect(folder):
 
 def count_line(runs):
     counts = {s: sum(r["status"] == s for r in runs) for s in
-              ("finished", "diverged", "failed", "unfinished", "not started")}
+              ("finished", "diverged", "failed", "unfinished", "unreadable", "not started")}
     return f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
 
 
@@ -539,6 +745,13 @@ def positive(text):
     return value
 
 
+def count(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def model_name(text):
     if text not in vitc.VARIANTS:
         raise argparse.ArgumentTypeError(f"unknown model {text!r}; valid: "
@@ -580,11 +793,23 @@ def parse_args(argv):
         s.add_argument("--launch", choices=["local", "slurm"],
                        help="local: run the commands one after another; slurm: write a job "
                             "array script (default: only print the commands)")
-        s.add_argument("--gpus", type=positive, default=1, help="GPUs per run (torchrun if > 1)")
+        s.add_argument("--gpus", type=count, default=1,
+                       help="GPUs per run (torchrun if > 1); 0: CPUs only")
+        s.add_argument("--ranks", type=positive,
+                       help="processes per run (default: one per GPU, or 1 with --gpus 0)")
         s.add_argument("--cpus-per-gpu", type=positive, default=10, help="for --launch slurm")
+        s.add_argument("--cpus", type=positive,
+                       help="for --launch slurm --gpus 0: CPUs per task (default: one per rank)")
         s.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                        help="an extra #SBATCH line for --launch slurm, e.g. "
                             "--sbatch=--time=72:00:00 (repeatable)")
+    end = sub.add_parser("task-end", help="run by sweep.sbatch as each task ends: its outcome "
+                         "into SWEEP/slurm.jsonl")
+    end.add_argument("folder", metavar="SWEEP")
+    end.add_argument("task", type=count, help="the array task (the run's place in the plan)")
+    end.add_argument("--exit", type=int, required=True, help="the launcher's exit status")
+    end.add_argument("--since", type=float, required=True, help="when the task began (time())")
+    end.add_argument("--signalled", help="the signal the task's script passed on, if any")
     report = sub.add_parser("report", help="errors, EDFs and curves of finished sweeps")
     report.add_argument("folders", nargs="+", metavar="FOLDER",
                         help="sweep folders, folders of run folders, or run folders")
@@ -595,8 +820,13 @@ def parse_args(argv):
     report.add_argument("--edf-xmax", type=float, default=10,
                         help="x range of edf.png, as Figures 4-5 (points of top-1 error)")
     args = p.parse_args(argv)
-    if extra and args.command == "report":
-        raise RunError("report takes no train.py flags")
+    if extra and args.command in ("report", "task-end"):
+        raise RunError(f"{args.command} takes no train.py flags")
+    if args.command in ("sample", "grid"):
+        args.ranks = args.ranks or max(args.gpus, 1)
+        if args.gpus and args.ranks != args.gpus:
+            raise RunError(f"--ranks {args.ranks} with --gpus {args.gpus}: train.py runs one "
+                           f"rank per GPU")
     if args.command == "report" and not (all(0 <= x < math.inf for x in args.thresholds)
                                          and 0 < args.edf_xmax < math.inf):
         raise RunError("--thresholds must be >= 0 and --edf-xmax > 0, all finite")
@@ -610,7 +840,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return report_command(args) if args.command == "report" else plan_command(args)
+    commands = {"report": report_command, "task-end": task_end_command}
+    return commands.get(args.command, plan_command)(args)
 
 
 if __name__ == "__main__":

@@ -255,10 +255,7 @@ def test_sweep_and_plot_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "no_log" / "log.jsonl").unlink()
     (tmp_path / "no_log" / "args.jsonl").write_text(json.dumps({"args": {
         "model": "vitc_1gf", "optimizer": "adamw", "epochs": 2, "lr": 1e-3, "wd": 0.2}}) + "\n")
-    write_run(tmp_path / "garbage", [])
-    (tmp_path / "garbage" / "log.jsonl").write_bytes(b"\xff\xfe\x00")
     write_run(tmp_path / "no_epoch", [])
-    (tmp_path / "no_epoch" / "log.jsonl").write_text('{"train_loss": 1}\n')
     sample = ["sample", "--optimizer", "adamw", "--out", str(tmp_path / "s")]
     for main, argv, message in [
         (sweep.main, ["report", str(tmp_path / "empty")], "no runs"),
@@ -266,8 +263,6 @@ def test_sweep_and_plot_bad_input_is_one_line(tmp_path, capsys):
         (sweep.main, ["report", str(tmp_path / "no_log")], "no log.jsonl"),
         (plot.main, [str(tmp_path / "no_log")], "no log.jsonl"),
         (plot.main, [str(tmp_path / "missing")], "no such folder"),
-        (plot.main, [str(tmp_path / "garbage")], "cannot read it"),
-        (plot.main, [str(tmp_path / "no_epoch")], "a record without its epoch"),
         (sweep.main, ["report", str(tmp_path / "no_epoch"), "--thresholds", "-1"], ">= 0"),
         (sweep.main, [*sample, "--model", "vitc_2gf"], "unknown model 'vitc_2gf'"),
         (sweep.main, [*sample[:2], "adam", *sample[3:], "--model", "vitc_1gf"],
@@ -380,7 +375,10 @@ def test_sweep_slurm_script_holds_a_task_per_run_still_to_do(tmp_path, capsys, m
     script = (tmp_path / "my sweep" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0,2\n" in script and "#SBATCH --gpus-per-node=8\n" in script
     assert "#SBATCH --time=2:00:00\n" in script
-    dry = script.replace('eval "exec ', 'eval "printf \'%s\\n\' ')  # print the argv, run nothing
+    assert "#SBATCH --cpus-per-task=80\n" in script  # the GPU form: 10 cores per GPU
+    dry = script.replace('eval "${commands[$SLURM_ARRAY_TASK_ID]} &"',  # print the argv only
+                         'eval "printf \'%s\\n\' ${commands[$SLURM_ARRAY_TASK_ID]}"; exit')
+    assert dry != script
     words = subprocess.run(["bash", "-c", dry], env=dict(os.environ, SLURM_ARRAY_TASK_ID="2"),
                            capture_output=True, text=True, check=True).stdout.splitlines()
     assert words[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -656,3 +654,151 @@ def test_readme_timm_adapter_makes_our_vitc_in_timm(capsys):
         with pytest.raises(ValueError, match="TimmConvStem: needs patch_size=16"):
             VisionTransformer(**{"img_size": IMG_SIZE, "embed_dim": cfg.dim, "depth": 1,
                                  "num_heads": cfg.heads, "embed_layer": stem, **unsupported})
+
+
+def test_report_and_plot_skip_a_bad_line_and_a_bad_run_with_a_warning(tmp_path, capsys):
+    settings = {"model": "vitc_1gf", "optimizer": "adamw", "epochs": 3, "lr": 1e-3, "wd": 0.24}
+    write_run(tmp_path / "runs" / "a", [50, 40, 35], settings)
+    log = tmp_path / "runs" / "a" / "log.jsonl"
+    lines = log.read_text().splitlines()  # epoch 2 glued onto a torn line, as resumes once did
+    log.write_text("\n".join([lines[0], '{"val_top1": ' + lines[1], lines[2]]) + "\n")
+    write_run(tmp_path / "runs" / "b", [50, 45, 42], settings)
+    (tmp_path / "runs" / "c").mkdir()
+    (tmp_path / "runs" / "c" / "args.jsonl").write_bytes(b"\xff\xfe\x00\n")  # garbled
+    code, text, err = run_tool(sweep.main, ["report", str(tmp_path / "runs")], capsys)
+    assert code == 0 and f"{tmp_path / 'runs'}: 2 runs: 2 finished" in text
+    warned = "\n".join(err)
+    assert f"{log}: line 2 is not a record of train.py's log (with its epoch), skipped" in warned
+    assert f"{tmp_path / 'runs' / 'c'}: no readable args.jsonl, so its model and settings are " \
+           f"unknown; left out" in warned
+    assert warned.count(f"{log}: line 2") == 1  # each file read once
+    code, _, err = run_tool(plot.main, [str(tmp_path / "runs" / f) for f in "ab"] + [
+        "--out", str(tmp_path / "c.png")], capsys)
+    assert code == (0 if HAS_MATPLOTLIB else 2) and "line 2 is not a record" in err[0]
+    # in a sweep: a run whose log cannot be read at all is counted as such, the others stand
+    out = tmp_path / "s"
+    assert run_tool(sweep.main, ["sample", "--model", "vitc_1gf", "--optimizer", "adamw",
+                                 "--runs", "3", "--epochs", "2", "--out", str(out), "--",
+                                 "--warmup-epochs", "0"], capsys)[0] == 0
+    write_run(out / "run-000", [40, 30])
+    (out / "run-001" / "log.jsonl").mkdir(parents=True)  # not a file
+    code, text, err = run_tool(sweep.main, ["report", str(out)], capsys)
+    assert code == 0 and "3 runs: 1 finished, 1 unreadable, 1 not started" in text, err
+    assert "run-001: unreadable (" in text and "run-001: " in err[0]
+
+
+def test_report_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    # `sweep.py report SWEEP | head -3`: head exits after its lines, the pipe closes
+    write_run(tmp_path / "a", [50, 40], {"model": "vitc_1gf", "optimizer": "adamw",
+                                         "epochs": 2, "lr": 1e-3, "wd": 0.24})
+    proc = subprocess.Popen([sys.executable, str(HERE / "tools" / "sweep.py"), "report",
+                             str(tmp_path / "a")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the report is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=150) == 128 + signal.SIGPIPE  # as a shell shows a SIGPIPE death
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def slurm_plan(capsys, out, *options, runs=3):
+    """sweep.py sample ... --launch slurm: (exit status, stdout, stderr lines)."""
+    return run_tool(sweep.main, ["sample", "--model", "vitc_1gf", "--optimizer", "adamw",
+                                 "--runs", str(runs), "--out", str(out), "--launch", "slurm",
+                                 *options], capsys)
+
+
+def test_the_cpu_slurm_script_quotes_its_paths_and_sizes_its_threads(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = slurm_plan(capsys, "a b%c", "--gpus", "0", "--ranks", "2", "--cpus", "3")
+    script = (tmp_path / "a b%c" / "sweep.sbatch").read_text()
+    assert code == 0 and "--gpus" not in script and "#SBATCH --cpus-per-task=3\n" in script
+    assert f'#SBATCH --output="{tmp_path}/a b%%c/slurm-%A_%a.out"\n' in script  # % kept as is
+    assert "#SBATCH --job-name=sweep-a_b_c\n" in script
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in script
+    threads = script[script.index("ranks=2"):script.index("started=")]
+    for cpus, expected in (("3", "1"), ("8", "4"), (None, "1")):  # per rank, at least 1
+        env = {k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"}
+        if cpus:
+            env["SLURM_CPUS_PER_TASK"] = cpus
+        shown = subprocess.run(["bash", "-c", threads + 'echo "$OMP_NUM_THREADS"'], env=env,
+                               capture_output=True, text=True).stdout.strip()
+        assert shown == expected, (cpus, shown)
+    code, _, err = slurm_plan(capsys, 'q"uote', "--gpus", "0")
+    assert code == 2 and "cannot be written into a Slurm script" in err[-1]
+    code, _, err = slurm_plan(capsys, "g", "--gpus", "2", "--ranks", "3")
+    assert code == 2 and "train.py runs one rank per GPU" in err[-1]
+
+
+def test_a_time_limit_too_short_for_the_stop_signal_is_warned_of(tmp_path, capsys):
+    code, _, err = slurm_plan(capsys, tmp_path / "s", "--sbatch=--time=4:00")
+    assert code == 0 and any("--time=4:00: Slurm sends the stop signal 120-180 s before the time "
+                             "limit" in line and "would train 60 s or less" in line
+                             for line in err), err
+    code, _, err = slurm_plan(capsys, tmp_path / "s", "--sbatch=--time=1:00:00",
+                              "--sbatch=--signal=B:TERM@600")
+    assert code == 0 and not any("--time" in line for line in err), err
+    script = (tmp_path / "s" / "sweep.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@600\n" in script and "@120" not in script
+    assert [sweep.slurm_seconds(t) for t in ("90", "1:30", "1:00:00", "2-0", "1-2:3", "-1")] == [
+        5400, 90, 3600, 172800, 93780, None]
+
+
+def fake_squeue(folder, text, status=0):
+    """A `squeue` first on PATH that prints `text` (and exits with `status`)."""
+    folder.mkdir()
+    (folder / "squeue").write_text(f"#!/bin/sh\ncat <<'EOF'\n{text}EOF\nexit {status}\n")
+    (folder / "squeue").chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_regenerating_leaves_out_tasks_slurm_still_has_and_removes_a_spent_script(
+        tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s"
+    slurm_plan(capsys, out)
+    script = out / "sweep.sbatch"
+    monkeypatch.setenv("PATH", fake_squeue(tmp_path / "bin", f"55|1|RUNNING|{script}\n"
+                                           f"55|2|PENDING|/elsewhere/sweep.sbatch\n"))
+    code, text, _ = slurm_plan(capsys, out)  # after a requeue, say: task 1 still runs
+    assert code == 0 and "run-001: left out, still in Slurm as job 55_1 RUNNING" in text
+    assert "#SBATCH --array=0,2\n" in script.read_text()
+    write_run(out / "run-000", [30.0, 30.0] * 25)
+    write_run(out / "run-002", [30.0] * 50, diverged=True)
+    code, text, _ = slurm_plan(capsys, out)  # nothing left to submit: no script to submit again
+    assert f"every run is finished, diverged or still in Slurm: {script} removed" in text
+    assert not script.exists()
+    monkeypatch.setenv("PATH", fake_squeue(tmp_path / "bin2", "", status=1))
+    (out / "run-002" / "log.jsonl").unlink()
+    code, _, err = slurm_plan(capsys, out)
+    assert "squeue failed (exit 1): tasks of an earlier submission still queued would run " \
+           "twice" in err[0] and "#SBATCH --array=1,2\n" in script.read_text()
+
+
+def test_the_slurm_script_records_each_task_outcome_also_without_slurm(data, tmp_path, capsys,
+                                                                       monkeypatch):
+    # The generated script run by bash as Slurm would run two array tasks: the first finishes,
+    # the second finds its run folder locked (a task submitted twice) and fails.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = slurm_plan(capsys, "s", "--gpus", "0", "--epochs", "1", "--data", str(data),
+                              "--", "--img-size", "32", "--batch-size", "8", "--warmup-epochs",
+                              "0", "--workers", "0", "--precise-bn", "8", runs=2)
+    assert code == 0, err
+    env = dict(os.environ, SLURM_CPUS_PER_TASK="1", SLURM_JOB_ID="77", SLURM_ARRAY_JOB_ID="76")
+    task = subprocess.run(["bash", "s/sweep.sbatch"], env=dict(env, SLURM_ARRAY_TASK_ID="0"),
+                          capture_output=True, text=True, timeout=300)
+    assert task.returncode == 0, task.stderr[-3000:]
+    assert "sweep.py: run-000 (array task 0): finished; exit status 0" in task.stdout
+    (tmp_path / "s" / "run-001").mkdir()
+    with open(tmp_path / "s" / "run-001" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        task = subprocess.run(["bash", "s/sweep.sbatch"], env=dict(env, SLURM_ARRAY_TASK_ID="1"),
+                              capture_output=True, text=True, timeout=300)
+    assert task.returncode == 3, task.stderr[-3000:]
+    ends = read_jsonl(tmp_path / "s" / "slurm.jsonl")
+    assert [(e["run"], e["outcome"], e["exit"], e["job"]) for e in ends] == [
+        ("run-000", "finished", 0, "77"), ("run-001", "failed", 3, "77")]
+    (entry,) = read_jsonl(tmp_path / "s" / "run-000" / "args.jsonl")
+    assert entry["resolved"]["device"].endswith(", 1 threads)")  # SLURM_CPUS_PER_TASK=1
+    code, text, _ = run_tool(sweep.main, ["report", "s"], capsys)
+    assert "2 runs: 1 finished, 1 failed" in text
+    assert "run-001: failed (exit 3: its folder is in use by another train.py" in text
