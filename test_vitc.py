@@ -1316,22 +1316,28 @@ def test_fp16_skips_overflowing_steps_but_stops_on_a_non_finite_loss(data, tmp_p
 
 @pytest.fixture(scope="session")
 def compile_tmp(tmp_path_factory):
-    """TMPDIR of the processes that compile: inductor's kernel cache and precompiled header (150
-    MB, built once) go there instead of /tmp/torchinductor_USER, shared by the tests and deleted
-    after them."""
     folder = tmp_path_factory.mktemp("compile")
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_compiled_run_matches_eager_and_resumes_uncompiled_and_back(data, tmp_path, compile_tmp):
+@pytest.fixture
+def compile_env(compile_tmp, monkeypatch):
+    """For the processes the test starts: inductor's kernel cache and precompiled header (150 MB,
+    built once) in a folder that the tests share and that is deleted after them, not in
+    /tmp/torchinductor_USER. (Importing torch sets TORCHINDUCTOR_CACHE_DIR in this process.)"""
+    monkeypatch.setenv("TMPDIR", str(compile_tmp))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_tmp / "inductor"))
+    return compile_tmp
+
+
+def test_compiled_run_matches_eager_and_resumes_uncompiled_and_back(data, tmp_path, compile_env):
     # Micro-batches of 2, as in the torchrun test below, which then finds its kernels compiled.
     argv = lambda out, *extra: tiny(data, out, "--epochs", "3", "--accum-steps", "4", *extra)
 
     def compiled_run(*argv):
         proc = subprocess.run([sys.executable, str(HERE / "train.py"), *argv, "--compile"],
-                              capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, TMPDIR=str(compile_tmp)))
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert train.cli(argv(eager, "--stop-after", "1")) == 0
@@ -1355,12 +1361,12 @@ def test_compiled_run_matches_eager_and_resumes_uncompiled_and_back(data, tmp_pa
 
 
 def test_compiled_torchrun_two_ranks_splits_the_graph_at_ddp_buckets(data, tmp_path, monkeypatch,
-                                                                     compile_tmp):
+                                                                     compile_env):
     # DDP(compile(model)): Dynamo's DDPOptimizer, which lets the gradient all-reduces overlap the
     # backward, must still split the compiled graph (it logs its buckets at level INFO).
     monkeypatch.setenv("TORCH_LOGS", "torch._dynamo.backends.distributed")
     proc = torchrun_two_ranks(tiny(data, tmp_path / "run", "--epochs", "1", "--warmup-epochs",
-                                   "0", "--accum-steps", "2", "--compile"), tmp=compile_tmp,
+                                   "0", "--accum-steps", "2", "--compile"), tmp=compile_env,
                               timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("DDPOptimizer used bucket cap") >= 2, proc.stderr[-3000:]
@@ -1424,7 +1430,8 @@ def test_the_step_waits_for_its_figures_only_every_check(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_one_epoch", lambda run, epoch: (
         in_epoch.append(1), real_epoch(run, epoch), in_epoch.clear()))
     assert train.cli(fake_run(tmp_path)) == 0
-    assert train.CHECK_EVERY == 20 and reductions == [3 * 20 + 1, 3 * 20 + 1, 3 * 10 + 1]
+    # per step: loss, unreadable files, blanks; per read: the stop flag and fp16's skipped steps
+    assert train.CHECK_EVERY == 20 and reductions == [3 * 20 + 2, 3 * 20 + 2, 3 * 10 + 2]
     (record,) = read_log(tmp_path)
     assert record["step"] == 50 and math.isfinite(record["train_loss"])
 

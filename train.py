@@ -34,7 +34,7 @@ import time
 from itertools import islice
 
 # A stop signal is caught from the first moment, also while torch loads (seconds): the run then
-# stops cleanly before training (see "Signals" below the Machinery banner).
+# stops cleanly before training (see "Signals", near the end of this file).
 EARLY_SIGNALS = []
 if __name__ == "__main__":
     for _signum in (signal.SIGINT, signal.SIGTERM):

@@ -152,7 +152,9 @@ def data_note(runs):
         return None
     train, val, size, classes, img_size = marks.pop()
     return (f"toy data (tools/toydata.py), not ImageNet: {train} train / {val} val images of "
-            f"{size}x{size} px, {classes} classes, trained at {img_size}x{img_size}")
+            f"{size}x{size} px, {classes} classes, trained at {img_size}x{img_size}\nthe "
+            f"machinery at toy scale, not the paper's result (the README says why ViT_C can "
+            f"trail here)")
 
 
 def save_figure(fig, path):

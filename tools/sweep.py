@@ -204,15 +204,15 @@ def gpu_hours(plan):
 
 
 def read_status(run, folder, launches):
-    """(status, error %, detail, log) of one run of a sweep; see run_status(). A run whose files
-    cannot be read is `unreadable`, with a warning, and the others are still read."""
+    """(status, error %, detail, the run's files as read_run() reads them or None) of one run of
+    a sweep; see run_status(). A run whose files cannot be read is `unreadable`, with a warning,
+    and the others are still read."""
     try:
         record = read_run(folder, need_log=False) if os.path.isdir(folder) else None
     except RunError as e:
         warn(f"{run['name']}: {e}")
-        return "unreadable", None, str(e), []
-    return (*run_status(run, record, launches.get(run["name"], {})),
-            (record or {}).get("log") or [])
+        return "unreadable", None, str(e), None
+    return (*run_status(run, record, launches.get(run["name"], {})), record)
 
 
 def run_status(run, record, launch):
@@ -602,13 +602,15 @@ def find_runs(folder):
 
 
 def collect(folder):
-    """[{name, folder, model, optimizer, epochs, lr, wd, status, error, detail, log}] of a
+    """[{name, folder, model, optimizer, epochs, lr, wd, status, error, detail, log, args}] of a
     report argument."""
     launches = read_launches(folder)
     runs = []
     for plan, path in find_runs(folder):
-        status, error, detail, log = read_status(plan, path, launches)
-        runs.append(dict(plan, folder=path, status=status, error=error, detail=detail, log=log))
+        status, error, detail, record = read_status(plan, path, launches)
+        record = record or {}
+        runs.append(dict(plan, folder=path, status=status, error=error, detail=detail,
+                         log=record.get("log") or [], args=record.get("args") or {}))
     return runs
 
 
@@ -699,8 +701,8 @@ def plot_edfs(curves, path, xmax=10, note=None):
 def figure_paths(args):
     """Where report's two PNGs go: --out, or beside the first folder compared, named after the
     folders (runs/a+runs/b -> runs/a+b-edf.png and runs/a+b-curves.png)."""
-    names = [os.path.basename(os.path.normpath(os.path.abspath(f))) for f in args.folders]
-    where = args.out or os.path.dirname(os.path.normpath(os.path.abspath(args.folders[0])))
+    names = [os.path.basename(os.path.abspath(f)) for f in args.folders]
+    where = args.out or os.path.dirname(os.path.normpath(args.folders[0])) or "."
     stem = os.path.join(where, "+".join(dict.fromkeys(names)))
     return f"{stem}-edf.png", f"{stem}-curves.png"
 
@@ -716,7 +718,7 @@ def report_command(args):
     edf_path, curves_path = figure_paths(args)
     written = []
     try:
-        note = data_note([read_run(r["folder"], need_log=False) for r in started])
+        note = data_note(started)
         if curves:
             plot_edfs(curves, edf_path, args.edf_xmax, note)
             written.append(edf_path)

@@ -221,7 +221,8 @@ def test_report_figures_go_beside_the_sweeps_and_explain_themselves(tmp_path, ca
     texts, _, title, _ = figures[edf_png.name]
     assert "fraction of runs with error − best error ≤ x" in texts
     assert title == ("toy data (tools/toydata.py), not ImageNet: 8 train / 4 val images of 8x8 "
-                     "px, 4 classes, trained at 32x32")
+                     "px, 4 classes, trained at 32x32\nthe machinery at toy scale, not the "
+                     "paper's result (the README says why ViT_C can trail here)")
     _, legends, title, colours = figures[curves_png.name]
     assert legends[0] == "lr quoted at batch 2048" and len(colours) == 6  # a colour per run
     assert "vitc_1gf run-002: lr 0.003 wd 0.1" in legends and title.startswith("toy data")
