@@ -47,9 +47,10 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
 import train  # noqa: E402
+from runsafe.images import ImageFiles  # noqa: E402
 import vitc  # noqa: E402
 from export import torchvision_twin  # noqa: E402  (the one mapping of our ViT onto torchvision's)
-from train import RunError  # noqa: E402
+from runsafe.errors import HelpFormatter, Parser, RunError, run_cli  # noqa: E402
 
 
 def make_train_step(model, batch_size, img_size, amp=False, compile=False, num_classes=1000):
@@ -159,7 +160,7 @@ def open_images(args):
     try:
         train_tf = train.build_transforms(train.parse_args(
             ["--data", args.loader, "--img-size", str(args.img_size)]))[0]
-        return train.ImageFiles(folder, train_tf, replace=True, blank_size=args.img_size)
+        return ImageFiles(folder, train_tf, replace=True, blank_size=args.img_size)
     except OSError as e:  # no class folders, or a class folder without images
         raise RunError(f"--loader {folder}: {str(e).splitlines()[0]}")
 
@@ -315,8 +316,8 @@ def bench_loader(args):
 
 
 def main(argv=None):
-    parser = train.Parser(description=__doc__.split("\n\n")[0],
-                          formatter_class=train.HelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0],
+                          formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vitp_1gf", "vitc_1gf"],
                         choices=list(vitc.VARIANTS), metavar="NAME",
                         help=f"any of {', '.join(vitc.VARIANTS)}")
@@ -389,4 +390,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(train.run_cli(main, "bench.py"))
+    sys.exit(run_cli(main, "bench.py"))

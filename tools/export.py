@@ -34,7 +34,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
-from train import Parser, RunError, run_cli, save_atomic  # noqa: E402  (as train.py's)
+from runsafe.errors import Parser, RunError, run_cli  # noqa: E402  (as train.py's)
+from runsafe.folder import save_atomic  # noqa: E402
 
 import vitc  # noqa: E402
 
@@ -195,8 +196,9 @@ def main(argv=None):
         raise RunError(f"--out {args.out} is the input: choose another file")
     state_dict, weights = choose_weights(path, contents, args.weights)
     name, img_size, num_classes = check_model(path, state_dict, contents["args"])
-    save_atomic({"state_dict": torchvision_state_dict(state_dict),
-          "kwargs": torchvision_kwargs(name, img_size, num_classes)}, args.out)
+    export = {"state_dict": torchvision_state_dict(state_dict),
+              "kwargs": torchvision_kwargs(name, img_size, num_classes)}
+    save_atomic(args.out, lambda f: torch.save(export, f))
     epoch, top1 = contents.get("epoch"), contents.get("top1")
     print(f"wrote {args.out}: {name} ({img_size} px, {num_classes} classes) for torchvision's "
           f"VisionTransformer, {WHOSE[weights]} weights of "

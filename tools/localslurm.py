@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
+from runsafe.errors import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
 
 DAEMONS = ("munged", "slurmctld", "slurmd")  # started in this order, stopped in reverse
 NEEDED = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "squeue", "scancel",

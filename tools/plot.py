@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
+from runsafe.errors import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
 
 
 def warn(message):

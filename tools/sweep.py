@@ -45,7 +45,8 @@ from plot import (  # noqa: E402
     data_note, plot_runs, pyplot, read_args, read_jsonl, read_run, save_figure, warn)
 
 import train  # noqa: E402
-from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
+from runsafe.errors import FolderInUse, HelpFormatter, Parser, RunError, run_cli  # noqa: E402
+from runsafe.folder import append_line  # noqa: E402
 import vitc  # noqa: E402
 from bench import PAPER_EPOCH_MINUTES  # noqa: E402  (Table 1's minutes per epoch, 8 V100s)
 
@@ -289,7 +290,7 @@ def launch_local(args, plan):
             if status == "failed":
                 failed.append(run["name"])
                 detail += f": {last_line(os.path.join(folder, 'output.log'))}"
-                if code == train.FolderInUse.status:  # an earlier sweep's run still lives
+                if code == FolderInUse.status:  # an earlier sweep's run still lives
                     raise RunError(f"{run['name']}: {detail}")
             result = f", error {error:.2f}%" if error is not None else f" ({detail})"
             print(f"{head}: {status}{result} in {seconds:.0f} s", flush=True)
@@ -485,20 +486,15 @@ def write_slurm(args, plan):
 
 def task_outcome(run, folder, code, since, signalled):
     """(outcome, detail) of a Slurm task whose train.py ended with status `code`: the run's log
-    says finished or diverged; otherwise train.py's own word in exits.jsonl, written since the
-    task began (torchrun's status cannot tell a clean stop); otherwise a status of 0 is a stop,
-    and so is a signal before train.py began the run; anything else failed."""
+    says finished or diverged; otherwise a status of 0 is a clean stop (the script signals
+    train.py's processes, not torchrun, which then exits 0 too), and so is a signal before
+    train.py began the run; anything else failed."""
     status, _, detail, _ = read_status(run, folder, {})
     if status in ("finished", "diverged", "unreadable"):
         return ("failed" if status == "unreadable" else status), detail
-    path = os.path.join(folder, "exits.jsonl")
-    ends = [e for e in (read_jsonl(path) if os.path.exists(path) else [])
-            if isinstance(e.get("time"), (int, float)) and e["time"] >= since - 1]
-    if ends:
-        return ends[-1].get("outcome", "failed"), ends[-1].get("error") or ""
     if code == 0:
         return "stopped", ""
-    if code == train.FolderInUse.status:
+    if code == FolderInUse.status:
         return "failed", "its folder is in use by another train.py (a task submitted twice?)"
     began = [a for a in (read_jsonl(os.path.join(folder, "args.jsonl"))
                          if os.path.exists(os.path.join(folder, "args.jsonl")) else [])
@@ -525,7 +521,7 @@ def task_end_command(args):
              "train_exit": args.exit, "outcome": outcome, "signalled": outcome == "stopped",
              "detail": detail, "seconds": round(time.time() - args.since),
              "ended": datetime.datetime.now().isoformat(timespec="seconds")}
-    train.append_line(os.path.join(args.folder, "slurm.jsonl"), entry)
+    append_line(os.path.join(args.folder, "slurm.jsonl"), entry)
     print(f"sweep.py: {run['name']} (array task {args.task}): {outcome}"
           f"{f' ({detail})' if detail else ''}; exit status {status}", flush=True)
     return status
@@ -766,7 +762,7 @@ def parse_args(argv):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = Parser(description=__doc__.split("\n\n")[0],
-               formatter_class=train.HelpFormatter)
+               formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sample = sub.add_parser("sample", help="lr/wd drawn log-uniformly from Table 4's ranges")
     sample.add_argument("--model", type=model_name, required=True)

@@ -22,7 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 from test_tools import run_tool, sweep  # noqa: E402
-from test_vitc import data, load_tool, no_leftovers, read_jsonl, read_log  # noqa: E402, F401
+from test_vitc import data, load_tool, no_leftovers, read_jsonl, read_log, slow  # noqa: E402, F401
+
+pytestmark = slow  # a real Slurm: VITC_SLOW=1
 
 localslurm = load_tool("localslurm")
 TIMEOUT = 300  # seconds for any one job to start or end: generous, for a loaded machine
@@ -166,8 +168,8 @@ def test_a_batch_signal_mid_epoch_checkpoints_then_resubmitted_the_run_finishes(
     (end,) = read_jsonl(out / "slurm.jsonl")
     assert (end["outcome"], end["exit"], end["train_exit"]) == ("stopped", 0, 0)
     assert not (out / "run-000" / "log.jsonl").exists()  # mid-epoch: no line yet
-    (stop,) = read_jsonl(out / "run-000" / "exits.jsonl")
-    assert stop["outcome"] == "stopped" and stop["step"] == 20 and stop["slurm_job"] == job
+    stopped = torch.load(out / "run-000" / "checkpoint.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (0, 20)  # at the check after the signal
     code, text, _ = run_tool(sweep.main, ["report", str(out)], capsys)
     assert "1 runs: 1 unfinished" in text
     plan(capsys, out, 1, 2)  # the same command writes the script anew, then resubmit it

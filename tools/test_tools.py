@@ -6,6 +6,7 @@ Sections: the loader benchmark (bench.py --loader); sweep.py sample/grid/report/
 plot.py; export.py and the README's torchvision and timm sections.
 """
 
+import contextlib
 import fcntl
 import json
 import math
@@ -30,6 +31,7 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the repository and tools/
 import export  # noqa: E402
+from runsafe.errors import FolderInUse  # noqa: E402
 import train  # noqa: E402
 import vitc  # noqa: E402
 from test_vitc import (  # noqa: E402, F401  (fixtures: a tiny ImageFolder, no files left behind)
@@ -347,7 +349,7 @@ def test_a_signal_stops_the_local_sweep_after_its_run_checkpoints(tmp_path):
     assert sweep_process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in text
     assert (out / "run-000" / "checkpoint.pt").exists() and not (out / "run-000" / "log.jsonl"
                                                                   ).exists()  # mid-epoch
-    assert "SIGTERM: finishing the current step" in (out / "run-000" / "output.log").read_text()
+    assert "SIGTERM: stopping at the next check" in (out / "run-000" / "output.log").read_text()
     assert not (out / "run-001").exists()  # the sweep went no further
 
 
@@ -387,6 +389,17 @@ def test_sweep_slurm_script_holds_a_task_per_run_still_to_do(tmp_path, capsys, m
     assert train.parse_args(words[words.index(str(HERE / "train.py")) + 1:]).epochs == 50
 
 
+@contextlib.contextmanager
+def held(folder):
+    """A run folder locked as a live train.py holds it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
 def test_a_locked_run_folder_stops_the_sweep_by_its_exit_status(tmp_path, capsys):
     # train.py exits with status 3 on a folder locked by a live train.py (an earlier sweep's run
     # still going): the sweep stops there instead of counting a failure and going on.
@@ -396,12 +409,11 @@ def test_a_locked_run_folder_stops_the_sweep_by_its_exit_status(tmp_path, capsys
             "1", "--out", str(out), "--data", "fake", "--launch", "local", "--", "--img-size",
             "32", "--batch-size", "8", "--fake-size", "16", "--warmup-epochs", "0", "--workers",
             "0"]
-    with open(out / "run-000" / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with held(out / "run-000"):
         code, _, err = run_tool(sweep.main, argv, capsys)
     assert code == 2 and err[-1].startswith("tool.py: error: run-000: exit 3: ")
     assert "in use by another train.py" in err[-1] and not (out / "run-001").exists()
-    assert read_jsonl(out / "launch.jsonl")[0]["exit"] == train.FolderInUse.status == 3
+    assert read_jsonl(out / "launch.jsonl")[0]["exit"] == FolderInUse.status == 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -790,8 +802,7 @@ def test_the_slurm_script_records_each_task_outcome_also_without_slurm(data, tmp
     assert task.returncode == 0, task.stderr[-3000:]
     assert "sweep.py: run-000 (array task 0): finished; exit status 0" in task.stdout
     (tmp_path / "s" / "run-001").mkdir()
-    with open(tmp_path / "s" / "run-001" / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with held(tmp_path / "s" / "run-001"):
         task = subprocess.run(["bash", "s/sweep.sbatch"], env=dict(env, SLURM_ARRAY_TASK_ID="1"),
                               capture_output=True, text=True, timeout=300)
     assert task.returncode == 3, task.stderr[-3000:]

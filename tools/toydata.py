@@ -19,7 +19,7 @@ import sys
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
+from runsafe.errors import Parser, RunError, run_cli  # noqa: E402  (one-line errors, as train.py's)
 
 PATTERNS = ("hstripes", "vstripes", "disc", "gradient")
 

@@ -1,0 +1,124 @@
+"""The run folder: args.jsonl (one line per invocation), log.jsonl (one line per epoch),
+checkpoint.pt, best.pt. Every file is replaced whole (written aside, synced, renamed), so a full
+disk or a kill never leaves a torn file; the folder is locked while a train.py writes it."""
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from . import signals
+from .errors import FolderInUse, RunError
+
+_lock = {"fd": None}
+# flock locks follow the open file into forked children (DataLoader workers), which would hold
+# the folder for seconds after their parent was killed: children close their copy at once.
+os.register_at_fork(after_in_child=lambda: _lock["fd"] is not None and os.close(_lock["fd"]))
+
+
+def save_atomic(path, write):
+    """write(f) into PATH.tmp, synced, then renamed to PATH: the previous version stays whole
+    until the new one is, and a second Ctrl-C waits for it."""
+    tmp = f"{path}.tmp"
+    try:
+        with signals.no_abort(), open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException as e:  # torch.save reports a failed write as a RuntimeError (of an OSError)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        room = " (it needs room for the old and the new file at once)" if cause.errno in (
+            errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        raise RunError(f"cannot write {path} ({cause.strerror or cause}){room}; the previous "
+                       f"version, if any, is intact") from None
+
+
+def write_lines(path, records):
+    """PATH holds exactly `records`, one JSON line each."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    save_atomic(path, lambda f: f.write(text.encode()))
+
+
+def read_lines(path):
+    """The JSON records of a .jsonl file ([] if there is none)."""
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: cannot read it ({e})") from None
+
+
+def append_line(path, record):
+    write_lines(path, read_lines(path) + [record])
+
+
+def lock(folder):
+    """Locks the run folder itself (a lock file could be deleted) while this process lives: a
+    second train.py on it (a job submitted twice) is refused with FolderInUse."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise FolderInUse(f"{folder} is in use by another train.py: wait for it to end, or "
+                              f"choose another --out") from None
+        print(f"train.py: warning: cannot lock {folder} ({e.strerror}: a filesystem without "
+              f"flock, such as Lustre mounted without -o flock): nothing stops a second train.py "
+              f"from writing this run folder at the same time", file=sys.stderr)
+        return
+    _lock["fd"] = fd
+
+
+def unlock():
+    fd, _lock["fd"] = _lock["fd"], None
+    if fd is not None:
+        os.close(fd)
+
+
+def new_folder(model):
+    """A new runs/MODEL-DATE-TIME, claimed by creating it (two runs started in the same second
+    get two)."""
+    base = os.path.join("runs", f"{model}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
+        try:
+            os.makedirs(out)
+            return out
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"cannot create the run folder {out} ({e.strerror})") from None
+    raise RunError(f"cannot create the run folder {base}: 999 others have its name")
+
+
+def provenance():
+    """sha256 of train.py and vitc.py, and the git commit (with uncommitted changes or not) when
+    they run from a git checkout: which code produced the run."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = {}
+    for name in ("train.py", "vitc.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            code[f"{name}_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    try:
+        def git(*command):
+            return subprocess.run(["git", "-C", here, *command], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        code["git_commit"] = git("rev-parse", "HEAD")
+        code["git_changed"] = bool(git("status", "--porcelain", "--", "train.py", "vitc.py"))
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        code["git_commit"] = None
+    return code
