@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -589,6 +590,57 @@ def test_export_bad_input_is_one_line(run, tmp_path, capsys):
         line = err[0][len(PREFIX):]
         assert line.startswith(message) if isinstance(message, Start) else line == message, line
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(path.keys() - {"missing.pt"})
+
+
+def test_export_replaces_only_an_earlier_export_and_never_writes_into_a_run(run, tmp_path,
+                                                                           capsys, monkeypatch):
+    """--out RUN/checkpoint.pt once replaced the run's resumable checkpoint, and as root --out
+    /dev/full the device node, with exit status 0."""
+    run_files = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "best.pt")}
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "notes.txt")
+    os.mkfifo(tmp_path / "pipe")
+    refused = {"folder": "is a folder", "link.pt": "is a symbolic link", "pipe": "is a named pipe"}
+    try:  # a device node as /dev/full is (1, 7), made here rather than risk the real one
+        os.mknod(tmp_path / "full", 0o600 | stat.S_IFCHR, os.makedev(1, 7))
+        refused["full"] = "is a character device"
+    except PermissionError:  # not root: only root could have replaced /dev/full either
+        pass
+    in_run = "is a train.py run folder (it holds checkpoint.pt and best.pt): write the export " \
+             "outside it"
+    cases = [(run / "checkpoint.pt", [], f"{run} {in_run}"),
+             (run / "checkpoint.pt", ["--force"], f"{run} {in_run}"),
+             (run / "new-tv.pt", ["--force"], f"{run} {in_run}"),
+             (tmp_path / "notes.txt", [], "exists and is not an earlier export: pass --force to "
+                                          "replace it")]
+    cases += [(tmp_path / name, force, f"{what}: name a file to write")
+              for name, what in refused.items() for force in ([], ["--force"])]
+    for out, force, message in cases:
+        code, printed, err = export_in_process([run, "--to", "torchvision", "--out", out, *force],
+                                               capsys)
+        separator = ": " if message.startswith("/") else " "
+        assert (code, printed, err) == (2, "", [f"{PREFIX}--out {out}{separator}{message}"]), (
+            out, force, err)
+    assert {name: (run / name).read_bytes() for name in run_files} == run_files
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == sorted(run_files)
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+    assert (tmp_path / "link.pt").is_symlink()
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    assert "full" not in refused or stat.S_ISCHR(os.lstat(tmp_path / "full").st_mode)
+
+    # where the README writes it, the folder the runs' folder is in: new, then an earlier export
+    # replaced without --force; an empty file holds nothing to lose; --force replaces another file
+    monkeypatch.chdir(run.parent)
+    (tmp_path / "empty.pt").touch()
+    for out, force in [("vitc_1gf-tv.pt", []), ("vitc_1gf-tv.pt", []),
+                       (tmp_path / "empty.pt", []), (tmp_path / "notes.txt", ["--force"]),
+                       (tmp_path / "notes.txt", [])]:
+        code, printed, err = export_in_process([run.name, "--to", "torchvision", "--out", out,
+                                                *force], capsys)
+        assert code == 0 and not err and printed.startswith(f"wrote {out}: "), (out, err)
+        assert export.is_export(out) and load(out).keys() == {"state_dict", "kwargs"}
+    os.remove(run.parent / "vitc_1gf-tv.pt")
 
 
 # ------------------------------------------------------------------------------------------------
