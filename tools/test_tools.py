@@ -294,6 +294,39 @@ def test_plot_draws_the_curves_of_runs(tmp_path, capsys):
         "vitc_1gf adamw lr 0.001 wd 0.24 3 ep", "vitc_1gf adamw lr 0.008 wd 0.24 3 ep"]
 
 
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is optional")
+def test_plot_out_is_a_format_matplotlib_writes_or_a_folder_to_write_in(tmp_path, capsys,
+                                                                       monkeypatch):
+    """--out x.txt was matplotlib's ValueError traceback; --out FOLDER said "wrote FOLDER" and
+    wrote FOLDER.png beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "a", [50, 40], {"model": "vitc_1gf", "optimizer": "adamw",
+                                         "epochs": 2, "lr": 1e-3, "wd": 0.24})
+    (tmp_path / "figures").mkdir()
+    formats = sorted(FigureCanvasAgg.get_supported_filetypes())
+    assert {"png", "pdf", "svg"} <= set(formats) and "txt" not in formats
+    for out, written, magic in [("figures", "figures/curves.png", b"\x89PNG"),
+                                ("c.SVG", "c.SVG", b"<?xml"), ("c.pdf", "c.pdf", b"%PDF"),
+                                ("c", "c.png", b"\x89PNG")]:
+        code, printed, err = run_tool(plot.main, ["a", "--out", out], capsys)
+        assert (code, printed, err) == (0, f"wrote {written}: 1 runs\n", []), (out, err)
+        assert (tmp_path / written).read_bytes().startswith(magic), out
+    assert not (tmp_path / "figures.png").exists()
+    cases = [("c.txt", f"--out c.txt: matplotlib writes no .txt files; name a folder or a file "
+                       f"ending in .{', .'.join(formats)}"),
+             ("missing/", "--out missing/: no such folder")]
+    if shutil.which("xelatex") is None:  # matplotlib lists .pgf, but cannot write it without
+        cases.append(("c.pgf", Start("cannot write c.pgf (matplotlib: 'xelatex' not found")))
+    for out, message in cases:
+        code, printed, err = run_tool(plot.main, ["a", "--out", out], capsys)
+        assert (code, printed, len(err)) == (2, "", 1), (out, err)
+        line = err[0].removeprefix("tool.py: error: ")
+        assert line.startswith(message) if isinstance(message, Start) else line == message, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c.SVG", "c.pdf", "c.png",
+                                                          "figures"]
+
+
 def test_plots_without_matplotlib_say_how_to_get_it(tmp_path, capsys, monkeypatch):
     write_run(tmp_path / "a", [50, 40], {"model": "vitc_1gf", "optimizer": "adamw",
                                          "epochs": 2, "lr": 1e-3, "wd": 0.24})
