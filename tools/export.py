@@ -28,6 +28,7 @@ our weights for it; tools/bench.py and the tests use both.
 import contextlib
 import os
 import re
+import stat
 import sys
 
 import torch
@@ -176,6 +177,51 @@ def check_model(path, state_dict, args):
 
 
 # ------------------------------------------------------------------------------------------------
+# Where the export may go
+# ------------------------------------------------------------------------------------------------
+
+RUN_FILES = ("checkpoint.pt", "best.pt")  # what makes a folder a train.py run's
+KINDS = [(stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
+         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+         (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")]
+
+
+def is_export(path):
+    """Whether `path` is an earlier export: a torch file that torch.load(weights_only=True)
+    reads as a dict of exactly "state_dict" and "kwargs" (what main() writes; exports of every
+    version of this tool are). Memory-mapped: only the header is read."""
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file, not readable, not weights only: not ours
+        return False
+    return isinstance(contents, dict) and contents.keys() == {"state_dict", "kwargs"}
+
+
+def check_out(out, force):
+    """Refuses an --out whose replacement would lose something: a path that is not a regular
+    file (save_atomic's rename would put a file in place of a device, a link or a pipe), a file
+    in a run folder (its checkpoint.pt, best.pt or logs), or, without --force, an existing file
+    that is not an earlier export."""
+    folder = os.path.dirname(os.path.abspath(out))
+    held = [name for name in RUN_FILES if os.path.lexists(os.path.join(folder, name))]
+    if held:
+        raise RunError(f"--out {out}: {folder} is a train.py run folder (it holds "
+                       f"{' and '.join(held)}): write the export outside it")
+    try:
+        mode = os.lstat(out).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot look at it ({e.strerror or e})") from None
+    kind = next((what for test, what in KINDS if test(mode)), None)
+    if kind or not stat.S_ISREG(mode):
+        raise RunError(f"--out {out} is {kind or 'not a regular file'}: name a file to write")
+    if not force and os.path.getsize(out) and not is_export(out):
+        raise RunError(f"--out {out} exists and is not an earlier export: pass --force to "
+                       f"replace it")
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
@@ -186,7 +232,15 @@ def main(argv=None):
                         help="a train.py run folder (its best.pt), a best.pt or a checkpoint.pt")
     parser.add_argument("--to", required=True, choices=["torchvision"],
                         help="the library whose model the weights are written for")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="the file to write: a new one, an empty one, or an earlier export "
+                             "(a torch file of exactly the keys state_dict and kwargs, as this "
+                             "tool writes), which is replaced; never a folder, link, device or "
+                             "pipe, nor a file in a run folder (one holding checkpoint.pt or "
+                             "best.pt)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out also when it is another file (still never one of "
+                             "the paths refused above)")
     parser.add_argument("--weights", choices=["ema", "model"],
                         help="of a checkpoint.pt: the EMA's (default, where the run kept one) "
                              "or the model's; a best.pt holds only those evaluated best")
@@ -194,6 +248,7 @@ def main(argv=None):
     path, contents = read_run_file(args.source)
     if os.path.abspath(args.out) == os.path.abspath(path):
         raise RunError(f"--out {args.out} is the input: choose another file")
+    check_out(args.out, args.force)
     state_dict, weights = choose_weights(path, contents, args.weights)
     name, img_size, num_classes = check_model(path, state_dict, contents["args"])
     export = {"state_dict": torchvision_state_dict(state_dict),

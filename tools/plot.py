@@ -3,11 +3,11 @@
     python tools/plot.py runs/vitp_1gf-20261124-101500 runs/vitc_1gf-20261124-101502
     python tools/plot.py runs/sweep-c1/run-* --out sweep-c1-curves.png
 
-Each argument is a run folder written by train.py (its args.jsonl and log.jsonl). One PNG: the
-train loss against epoch on the left, val top-1 of the model (solid) and of its EMA (dashed) on
-the right, one colour per run, labelled by model and settings; a run whose loss went non-finite
-ends in an x. Needs matplotlib, which the rest of the project does not:
-pip install -r tools/requirements.txt.
+Each argument is a run folder written by train.py (its args.jsonl and log.jsonl). One figure
+(a PNG, or the format of --out's extension): the train loss against epoch on the left, val top-1
+of the model (solid) and of its EMA (dashed) on the right, one colour per run, labelled by model
+and settings; a run whose loss went non-finite ends in an x. Needs matplotlib, which the rest of
+the project does not: pip install -r tools/requirements.txt.
 """
 
 import json
@@ -95,7 +95,7 @@ def pyplot():
 def plot_runs(runs, labels, path, groups=None, note=None):
     """Train loss and val / EMA top-1 against epoch, a colour and a legend entry per run; with
     `groups` (a key per run), each group in shades of its own colour; `note` above both. Writes
-    `path` (PNG)."""
+    `path` (in the format of its extension)."""
     plt = pyplot()
     fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(13, 5))
     colours = run_colours(plt, groups) if groups else [f"C{i % 10}" for i in range(len(runs))]
@@ -163,8 +163,29 @@ def save_figure(fig, path):
         fig.savefig(path, dpi=120)
     except OSError as e:
         raise RunError(f"cannot write {path} ({e.strerror or e})") from None
+    except (RuntimeError, ValueError) as e:  # a format that needs what is missing (.pgf: LaTeX)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RunError(f"cannot write {path} (matplotlib: {reason})") from None
     finally:
         pyplot().close(fig)
+
+
+def figure_path(out, name="curves.png"):
+    """The file that --out names: `name` in it if it is a folder; else itself, its extension
+    one that matplotlib writes (png, pdf, svg, ...: it picks the format), .png added if it has
+    none (as savefig would add it, unsaid)."""
+    if os.path.isdir(out):
+        return os.path.join(out, name)
+    if out.endswith(("/", os.sep)):
+        raise RunError(f"--out {out}: no such folder")
+    extension = os.path.splitext(out)[1][1:]
+    pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the backend pyplot() chose
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if extension and extension.lower() not in formats:
+        raise RunError(f"--out {out}: matplotlib writes no .{extension} files; name a folder or "
+                       f"a file ending in .{', .'.join(sorted(formats))}")
+    return out if extension else f"{out}.png"
 
 
 def unique_labels(runs):
@@ -177,11 +198,15 @@ def unique_labels(runs):
 def main(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_FOLDER", help="train.py run folders")
-    parser.add_argument("--out", default="curves.png", help="the PNG to write")
+    parser.add_argument("--out", default="curves.png",
+                        help="the figure to write, its extension the format (.png, .pdf, .svg "
+                             "and the others matplotlib writes; .png if none), or an existing "
+                             "folder to write curves.png in")
     args = parser.parse_args(argv)
     runs = [read_run(folder) for folder in args.runs]
-    plot_runs(runs, unique_labels(runs), args.out, note=data_note(runs))
-    print(f"wrote {args.out}: {len(runs)} runs")
+    path = figure_path(args.out)
+    plot_runs(runs, unique_labels(runs), path, note=data_note(runs))
+    print(f"wrote {path}: {len(runs)} runs")
     return 0
 
 

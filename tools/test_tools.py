@@ -3,7 +3,8 @@ paper's stability experiments as commands (sweep.py, plot.py). CPU only; `python
 from the repository root runs them with test_vitc.py.
 
 Sections: the loader benchmark (bench.py --loader); sweep.py sample/grid/report/--launch and
-plot.py; export.py and the README's torchvision and timm sections.
+plot.py; export.py and the README's torchvision and timm sections; runsafe/decode.py's image
+modes.
 """
 
 import contextlib
@@ -15,9 +16,11 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -293,6 +296,39 @@ def test_plot_draws_the_curves_of_runs(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert plot.unique_labels([plot.read_run(tmp_path / f) for f in "ab"]) == [
         "vitc_1gf adamw lr 0.001 wd 0.24 3 ep", "vitc_1gf adamw lr 0.008 wd 0.24 3 ep"]
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is optional")
+def test_plot_out_is_a_format_matplotlib_writes_or_a_folder_to_write_in(tmp_path, capsys,
+                                                                       monkeypatch):
+    """--out x.txt was matplotlib's ValueError traceback; --out FOLDER said "wrote FOLDER" and
+    wrote FOLDER.png beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "a", [50, 40], {"model": "vitc_1gf", "optimizer": "adamw",
+                                         "epochs": 2, "lr": 1e-3, "wd": 0.24})
+    (tmp_path / "figures").mkdir()
+    formats = sorted(FigureCanvasAgg.get_supported_filetypes())
+    assert {"png", "pdf", "svg"} <= set(formats) and "txt" not in formats
+    for out, written, magic in [("figures", "figures/curves.png", b"\x89PNG"),
+                                ("c.SVG", "c.SVG", b"<?xml"), ("c.pdf", "c.pdf", b"%PDF"),
+                                ("c", "c.png", b"\x89PNG")]:
+        code, printed, err = run_tool(plot.main, ["a", "--out", out], capsys)
+        assert (code, printed, err) == (0, f"wrote {written}: 1 runs\n", []), (out, err)
+        assert (tmp_path / written).read_bytes().startswith(magic), out
+    assert not (tmp_path / "figures.png").exists()
+    cases = [("c.txt", f"--out c.txt: matplotlib writes no .txt files; name a folder or a file "
+                       f"ending in .{', .'.join(formats)}"),
+             ("missing/", "--out missing/: no such folder")]
+    if shutil.which("xelatex") is None:  # matplotlib lists .pgf, but cannot write it without
+        cases.append(("c.pgf", Start("cannot write c.pgf (matplotlib: 'xelatex' not found")))
+    for out, message in cases:
+        code, printed, err = run_tool(plot.main, ["a", "--out", out], capsys)
+        assert (code, printed, len(err)) == (2, "", 1), (out, err)
+        line = err[0].removeprefix("tool.py: error: ")
+        assert line.startswith(message) if isinstance(message, Start) else line == message, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c.SVG", "c.pdf", "c.png",
+                                                          "figures"]
 
 
 def test_plots_without_matplotlib_say_how_to_get_it(tmp_path, capsys, monkeypatch):
@@ -603,6 +639,57 @@ def test_export_bad_input_is_one_line(run, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(path.keys() - {"missing.pt"})
 
 
+def test_export_replaces_only_an_earlier_export_and_never_writes_into_a_run(run, tmp_path,
+                                                                           capsys, monkeypatch):
+    """--out RUN/checkpoint.pt once replaced the run's resumable checkpoint, and as root --out
+    /dev/full the device node, with exit status 0."""
+    run_files = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "best.pt")}
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "notes.txt")
+    os.mkfifo(tmp_path / "pipe")
+    refused = {"folder": "is a folder", "link.pt": "is a symbolic link", "pipe": "is a named pipe"}
+    try:  # a device node as /dev/full is (1, 7), made here rather than risk the real one
+        os.mknod(tmp_path / "full", 0o600 | stat.S_IFCHR, os.makedev(1, 7))
+        refused["full"] = "is a character device"
+    except PermissionError:  # not root: only root could have replaced /dev/full either
+        pass
+    in_run = "is a train.py run folder (it holds checkpoint.pt and best.pt): write the export " \
+             "outside it"
+    cases = [(run / "checkpoint.pt", [], f"{run} {in_run}"),
+             (run / "checkpoint.pt", ["--force"], f"{run} {in_run}"),
+             (run / "new-tv.pt", ["--force"], f"{run} {in_run}"),
+             (tmp_path / "notes.txt", [], "exists and is not an earlier export: pass --force to "
+                                          "replace it")]
+    cases += [(tmp_path / name, force, f"{what}: name a file to write")
+              for name, what in refused.items() for force in ([], ["--force"])]
+    for out, force, message in cases:
+        code, printed, err = export_in_process([run, "--to", "torchvision", "--out", out, *force],
+                                               capsys)
+        separator = ": " if message.startswith("/") else " "
+        assert (code, printed, err) == (2, "", [f"{PREFIX}--out {out}{separator}{message}"]), (
+            out, force, err)
+    assert {name: (run / name).read_bytes() for name in run_files} == run_files
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == sorted(run_files)
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+    assert (tmp_path / "link.pt").is_symlink()
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    assert "full" not in refused or stat.S_ISCHR(os.lstat(tmp_path / "full").st_mode)
+
+    # where the README writes it, the folder the runs' folder is in: new, then an earlier export
+    # replaced without --force; an empty file holds nothing to lose; --force replaces another file
+    monkeypatch.chdir(run.parent)
+    (tmp_path / "empty.pt").touch()
+    for out, force in [("vitc_1gf-tv.pt", []), ("vitc_1gf-tv.pt", []),
+                       (tmp_path / "empty.pt", []), (tmp_path / "notes.txt", ["--force"]),
+                       (tmp_path / "notes.txt", [])]:
+        code, printed, err = export_in_process([run.name, "--to", "torchvision", "--out", out,
+                                                *force], capsys)
+        assert code == 0 and not err and printed.startswith(f"wrote {out}: "), (out, err)
+        assert export.is_export(out) and load(out).keys() == {"state_dict", "kwargs"}
+    os.remove(run.parent / "vitc_1gf-tv.pt")
+
+
 # ------------------------------------------------------------------------------------------------
 # The README's conv stem in torchvision and in timm
 # ------------------------------------------------------------------------------------------------
@@ -814,3 +901,99 @@ def test_the_slurm_script_records_each_task_outcome_also_without_slurm(data, tmp
     code, text, _ = run_tool(sweep.main, ["report", "s"], capsys)
     assert "2 runs: 1 finished, 1 failed" in text
     assert "run-001: failed (exit 3: its folder is in use by another train.py" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# runsafe/decode.py: image modes
+# ------------------------------------------------------------------------------------------------
+
+from runsafe import decode  # noqa: E402
+from runsafe.decode import load_rgb  # noqa: E402
+
+
+def rgb_of(path, mode):
+    """load_rgb(path) as an array, `path` checked to open in `mode` (the case the test is of)."""
+    with Image.open(path) as image:
+        assert image.mode == mode, image.mode
+    image = load_rgb(path)
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+def grey(*values):
+    return np.array([[[v] * 3 for v in values]], dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name, dtype, mode", [("png", np.uint16, "I;16"),
+                                               ("tif", ">u2", "I;16B"), ("tif", np.int32, "I")])
+def test_load_rgb_scales_16_bit_grayscale_to_8_bits(tmp_path, name, dtype, mode):
+    """PIL's convert("RGB") clips at 255: a 16-bit PNG was 99.6% pure white."""
+    path = tmp_path / f"deep.{name}"
+    Image.fromarray(np.array([[0, 257, 1000, 32896, 65535]]).astype(dtype)).save(path)
+    assert np.array_equal(rgb_of(path, mode), grey(0, 1, 4, 128, 255))  # v * 255 / 65535
+
+
+def test_load_rgb_scales_float_images_in_0_to_1(tmp_path):
+    """PIL's convert("RGB") made a float TIFF of values in [0, 1] all black."""
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.array([[0, 0.25, 0.5, 1]], dtype=np.float32)).save(path)
+    assert np.array_equal(rgb_of(path, "F"), grey(0, 64, 128, 255))
+
+
+def test_load_rgb_refuses_values_of_unknown_scale_naming_the_mode(tmp_path):
+    for values, dtype, message in [([[0, 255]], np.float32, "mode F with values 0 to 255: only "
+                                                            "0 to 1 has a known scale to 8 bits"),
+                                   ([[0, np.nan]], np.float32, "mode F with values nan to nan"),
+                                   ([[-5, 70000]], np.int32, "mode I with values -5 to 70000: "
+                                                             "only 0 to 65535 has a known")]:
+        path = tmp_path / "odd.tif"
+        Image.fromarray(np.array(values, dtype=dtype)).save(path)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_rgb(path)
+
+
+def test_load_rgb_converts_the_other_modes_as_pil_does(tmp_path):
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.putpixel((1, 0), 1)
+    bilevel = Image.new("1", (2, 1))
+    bilevel.putpixel((1, 0), 1)
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    for name, image, expected in [
+            ("p.png", palette, [[[255, 0, 0], [0, 0, 255]]]),
+            ("pt.png", transparent, [[[255, 0, 0], [0, 0, 255]]]),  # transparency dropped
+            ("1.png", bilevel, grey(0, 255)), ("l.png", Image.new("L", (1, 1), 77), grey(77)),
+            ("la.png", Image.new("LA", (1, 1), (100, 0)), grey(100)),
+            ("rgba.png", Image.new("RGBA", (1, 1), (10, 20, 30, 0)), [[[10, 20, 30]]]),
+            ("rgb.png", Image.new("RGB", (1, 1), (10, 20, 30)), [[[10, 20, 30]]])]:
+        image.save(tmp_path / name)
+        assert np.array_equal(rgb_of(tmp_path / name, image.mode), expected), name
+    cmyk = tmp_path / "cmyk.jpg"  # red and white, in a JPEG's lossy neighbourhood
+    Image.new("CMYK", (16, 8), (0, 255, 255, 0)).save(cmyk, quality=100)
+    red = rgb_of(cmyk, "CMYK").astype(int)
+    assert red.shape == (8, 16, 3) and np.abs(red - [255, 0, 0]).max() <= 3, red[0, 0]
+
+
+def test_load_rgb_names_the_file_in_decompression_bomb_warnings_and_errors(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's limit: warns above, errs above 2x
+    Image.new("L", (11, 10), 9).save(tmp_path / "large.png")
+    Image.new("L", (15, 14), 9).save(tmp_path / "huge.png")
+    with pytest.warns(Image.DecompressionBombWarning) as caught:
+        assert np.array_equal(np.asarray(load_rgb(tmp_path / "large.png"))[0, 0], [9, 9, 9])
+    assert [str(w.message) for w in caught] == [f"{tmp_path / 'large.png'}: Image size (110 "
+                                                f"pixels) exceeds limit of 100 pixels, could be "
+                                                f"decompression bomb DOS attack."]
+    with pytest.raises(Image.DecompressionBombError, match=f"^{re.escape(str(tmp_path))}/huge"):
+        load_rgb(tmp_path / "huge.png")
+
+
+def test_load_rgb_passes_on_the_other_warnings_it_records(tmp_path, monkeypatch):
+    def to_rgb(image):
+        warnings.warn("from the decoder", UserWarning)
+        return image.convert("RGB")
+    monkeypatch.setattr(decode, "to_rgb", to_rgb)
+    Image.new("L", (1, 1)).save(tmp_path / "l.png")
+    with pytest.warns(UserWarning, match="^from the decoder$"):
+        load_rgb(tmp_path / "l.png")
