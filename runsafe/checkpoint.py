@@ -55,7 +55,7 @@ def digest(obj, h=None):
 
 def save(obj, path):
     """Writes `obj` (a dict) to PATH atomically, as CPU tensors, with its checksum."""
-    obj = to_cpu(obj)
+    obj = to_cpu({k: v for k, v in obj.items() if k != "sha256"})
     obj["sha256"] = digest(obj).hexdigest()
     save_atomic(path, lambda f: torch.save(obj, f))
 
@@ -69,15 +69,20 @@ def load(path, keys=()):
     except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
-    if not isinstance(obj, dict) or "sha256" not in obj:
-        raise RunError(f"{path}: not a checkpoint of this train.py (no checksum)")
-    if digest({k: v for k, v in obj.items() if k != "sha256"}).hexdigest() != obj["sha256"]:
-        raise RunError(f"{path}: damaged (its contents do not match its checksum){good_state(path)}")
+    verify(path, obj)
     for key in keys:
         if not isinstance(obj.get(key), KEYS[key]):
             raise RunError(f"{path}: not a train.py checkpoint ({key!r} missing or of the wrong "
                            f"type; best.pt holds weights only)")
     return obj
+
+
+def verify(path, obj):
+    """Refuses a file whose contents do not match the checksum saved with them."""
+    if not isinstance(obj, dict) or "sha256" not in obj:
+        raise RunError(f"{path}: not a checkpoint of this train.py (no checksum)")
+    if digest({k: v for k, v in obj.items() if k != "sha256"}).hexdigest() != obj["sha256"]:
+        raise RunError(f"{path}: damaged (its contents do not match its checksum){good_state(path)}")
 
 
 def good_state(path):

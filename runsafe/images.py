@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision import datasets
 from tqdm import tqdm
 
+from .decode import load_rgb
 from .errors import RunError
 
 MAX_UNREADABLE_IN_A_ROW = 64  # then a train item is a blank (label -1): the data must be gone
@@ -23,7 +24,7 @@ class ImageFiles(datasets.ImageFolder):
     MAX_UNREADABLE_IN_A_ROW unreadable files in a row, the item is a blank image, label -1."""
 
     def __init__(self, root, transform, replace, blank_size):
-        super().__init__(root, transform)
+        super().__init__(root, transform, loader=load_rgb)
         self.replace, self.blank_size = replace, blank_size
         check_reached_once(self.samples)
 
@@ -32,7 +33,7 @@ class ImageFiles(datasets.ImageFolder):
         for i in range(index, index + (MAX_UNREADABLE_IN_A_ROW if self.replace else 1)):
             path, label = self.samples[i % len(self.samples)]
             try:
-                image = self.loader(path)  # PIL: decode and convert to RGB
+                image = self.loader(path)  # 8-bit RGB, from any mode PIL reads
             except Exception as e:  # truncated, empty, not an image, unreadable...
                 own = own or f"{path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
                 continue

@@ -36,6 +36,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and tools/, wherever run from
 from runsafe.errors import Parser, RunError, run_cli  # noqa: E402  (as train.py's)
+from runsafe import checkpoint  # noqa: E402
 from runsafe.folder import save_atomic  # noqa: E402
 
 import vitc  # noqa: E402
@@ -132,6 +133,7 @@ def read_run_file(source):
                 and {"state_dict", "kwargs"} <= contents.keys() else "")
         raise RunError(f"{path}: not a train.py best.pt or checkpoint.pt (no model weights with "
                         f"the run's arguments){hint}")
+    checkpoint.verify(path, contents)  # a damaged file is refused, not exported
     return path, contents
 
 

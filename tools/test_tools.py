@@ -34,6 +34,7 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the repository and tools/
 import export  # noqa: E402
+import runsafe.checkpoint  # noqa: E402
 from runsafe.errors import FolderInUse  # noqa: E402
 import train  # noqa: E402
 import vitc  # noqa: E402
@@ -562,8 +563,8 @@ def test_export_takes_best_pt_or_the_ema_or_model_of_a_checkpoint(run, tmp_path,
     best, checkpoint = load(run / "best.pt"), load(run / "checkpoint.pt")
     assert not torch.equal(checkpoint["ema"]["head.weight"], checkpoint["model"]["head.weight"])
     no_ema = tmp_path / "no-ema.pt"  # a checkpoint.pt of a run with --no-ema, optimizer left out
-    torch.save({"model": checkpoint["model"], "ema": None,
-                "args": {**checkpoint["args"], "ema": False}}, no_ema)
+    saved_with_checksum({"model": checkpoint["model"], "ema": None,
+                         "args": {**checkpoint["args"], "ema": False}}, no_ema)
     out = tmp_path / "out.pt"
     cases = [([run], best["model"], "EMA"),
              ([run / "best.pt", "--weights", "ema"], best["model"], "EMA"),
@@ -576,6 +577,23 @@ def test_export_takes_best_pt_or_the_ema_or_model_of_a_checkpoint(run, tmp_path,
         state_dict, renamed = load(out)["state_dict"], export.torchvision_state_dict(expected)
         assert state_dict.keys() == renamed.keys()
         assert all(torch.equal(state_dict[key], value) for key, value in renamed.items()), argv
+
+
+def saved_with_checksum(contents, path):
+    runsafe.checkpoint.save(contents, str(path))  # as train.py saves them
+
+
+def test_export_refuses_a_damaged_file(run, tmp_path, capsys):
+    damaged = tmp_path / "best.pt"
+    data = bytearray((run / "best.pt").read_bytes())
+    middle = len(data) // 2  # inside the weights' bytes
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    damaged.write_bytes(data)
+    code, _, err = export_in_process([damaged, "--to", "torchvision", "--out",
+                                      tmp_path / "out.pt"], capsys)
+    assert code == 2 and err == [f"{PREFIX}{damaged}: damaged (its contents do not match its "
+                                 f"checksum); no other copy of the run is kept"]
+    assert not (tmp_path / "out.pt").exists()
 
 
 PREFIX = "export.py: error: "
@@ -598,7 +616,7 @@ def test_export_bad_input_is_one_line(run, tmp_path, capsys):
         if contents is None:
             (tmp_path / name).write_text("not a checkpoint\n")
         else:
-            torch.save(contents, tmp_path / name)
+            saved_with_checksum(contents, tmp_path / name)
     (tmp_path / "empty").mkdir()
     path = {name: tmp_path / name for name in [*files, "empty", "missing.pt"]}
     to = ["--to", "torchvision", "--out", tmp_path / "out.pt"]
