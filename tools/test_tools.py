@@ -2,8 +2,9 @@
 stability experiments as commands (sweep.py, plot.py). CPU only; `python -m pytest -q` from the
 repository root runs them with test_vitc.py.
 
-Sections: the benchmarks (bench.py, its --loader); sweep.py sample/grid/report/--launch and
-plot.py; export.py and the README's torchvision and timm sections.
+Sections: the benchmarks (bench.py, its --loader) and gpu_check.py's refusal without a GPU;
+sweep.py sample/grid/report/--launch and plot.py; export.py and the README's torchvision and timm
+sections.
 """
 
 import fcntl
@@ -38,7 +39,7 @@ from test_vitc import (  # noqa: E402, F401  (fixtures: a tiny ImageFolder, no f
 
 
 # ------------------------------------------------------------------------------------------------
-# tools/bench.py: the training step and the input pipeline (--loader)
+# tools/bench.py: the training step and the input pipeline (--loader); tools/gpu_check.py
 # ------------------------------------------------------------------------------------------------
 
 bench = load_tool("bench")
@@ -89,11 +90,20 @@ def test_bench_precision_is_fp16_before_compute_capability_8_and_bf16_from_it(mo
     assert bench.make_train_step(model, 2, 32, "fp16", steps=2, num_classes=10)() > 0
 
 
+def test_gpu_check_refuses_without_a_gpu():
+    run = subprocess.run([sys.executable, str(HERE / "tools" / "gpu_check.py")],
+                         capture_output=True, text=True, timeout=60, env=NO_GPU)
+    assert (run.returncode, run.stdout) == (2, "") and run.stderr.splitlines() == [
+        "gpu_check.py: error: no CUDA GPU here (torch.cuda.is_available() is False): nothing "
+        "to check"]
+
+
 def test_loader_benchmark_times_each_stage_and_the_cores_a_gpu_needs(tmp_path):
     bench = [sys.executable, str(HERE / "tools" / "bench.py"), "--loader"]
     run = subprocess.run([*bench, str(tmp_path / "jpegs"), "--make-jpegs", "6", "--images", "4",
                           "--rounds", "2", "--workers", "1", "--batch-size", "2", "--models",
-                          "vitp_1gf", "vitc_36gf"], capture_output=True, text=True, timeout=120)
+                          "vitp_1gf", "vitc_36gf"], capture_output=True, text=True, timeout=120,
+                         env=NO_GPU)
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "jpegs" / "train").glob("class_*/*.jpg"))) == 6
     rates = dict(re.findall(r"^(read file bytes|PIL decode \+ convert RGB|torchvision.io."
