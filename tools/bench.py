@@ -3,16 +3,21 @@ them (a benchmark, not part of the paper).
 
     python tools/bench.py --models vitp_1gf vitc_1gf                 # ViT_C vs ViT_P
     python tools/bench.py --models vitp_1gf vitc_1gf --torchvision   # ours vs torchvision's ViT
-    python tools/bench.py --models vitp_4gf vitc_4gf --batch-size 256 --compile   # a GPU, MFU
+    python tools/bench.py --models vitp_4gf vitc_4gf --compile     # a GPU: MFU, batch 256
 
 Each listed model (and, with --torchvision, torchvision's VisionTransformer built with the same
-configuration) runs one full training step (forward, backward, AdamW step on a fixed random batch)
-in turn, round after round, so that a noisy machine slows all of them alike. A model's images/s
-comes from the geometric mean of its step times, and each ratio is the geometric mean of the
-per-round ratios, which is the ratio of those geometric means: the images/s and the ratio columns
-always agree. On CUDA the steps run under bf16 autocast with TF32 on, and MFU (model-flops
-utilisation, the fraction of the GPU's arithmetic the model's own multiply-adds use) is
-6 x forward multiply-adds x images/s over the bf16 matmul rate measured on the same GPU.
+configuration) runs --steps full training steps (forward, backward, AdamW step on a fixed random
+batch) in turn, round after round, so that a noisy machine slows all of them alike. A model's
+images/s comes from the geometric mean of its step times, and each ratio is the geometric mean of
+the per-round ratios, which is the ratio of those geometric means: the images/s and the ratio
+columns always agree. On CUDA a round's steps are timed with CUDA events around all of them (one
+synchronize at the end, as in training, where the host runs ahead of the GPU), with TF32 and
+cudnn.benchmark on as in train.py, under bf16 autocast, or fp16 with loss scaling on GPUs before
+compute capability 8.0 (the V100, which has no bf16). MFU (model-flops utilisation, the fraction
+of the GPU's arithmetic the model's own multiply-adds use) is 6 x forward multiply-adds x images/s
+over two peaks: the matmul rate measured on the same GPU at the same precision ("MFU matmul"), and
+NVIDIA's datasheet figure for the GPU, dense (without sparsity), as papers report MFU ("MFU
+datasheet"; n/a for a GPU missing from DATASHEET_TFLOPS).
 
 The input pipeline (--loader DIR): can the CPU cores feed the GPU?
 
@@ -24,13 +29,13 @@ DIR is an ImageFolder (DIR/CLASS/*.jpg), or a train.py data folder, whose DIR/tr
 500x375, ~100 KB at quality 90, fixed seed). It prints, from one process with one thread (what
 one loader worker on one core does), the images/s of: reading the files' bytes; PIL decode +
 convert("RGB"); torchvision.io.decode_jpeg; and train.py's whole train pipeline
-(train.ImageFiles with train.build_transforms: decode, RandomResizedCrop, flip, AutoAugment v0),
+(runsafe's ImageFiles with train.build_transforms: decode, RandomResizedCrop, flip, AutoAugment v0),
 one stage after another on the same images each round, so that after the read (which on a cold
 disk measures the storage) the others measure the CPU. Then the same pipeline through a
 DataLoader with each --workers count, timed after one warm-up batch per worker (their start-up).
-Last, the CPU cores one GPU needs: a GPU's training images/s (on CUDA the bf16 training step
-above at --batch-size; without CUDA the paper's Table 1 epoch times on 8 V100s) over the
-images/s per worker of the DataLoader with the most workers, and the share of the GPU's rate
+Last, the CPU cores one GPU needs: a GPU's training images/s (on CUDA the training step above,
+at --precision and --batch-size; without CUDA the paper's Table 1 epoch times on 8 V100s) over
+the images/s per worker of the DataLoader with the most workers, and the share of the GPU's rate
 that this machine's workers deliver.
 """
 
@@ -38,6 +43,7 @@ import itertools
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -53,39 +59,88 @@ from export import torchvision_twin  # noqa: E402  (the one mapping of our ViT o
 from runsafe.errors import HelpFormatter, Parser, RunError, run_cli  # noqa: E402
 
 
-def make_train_step(model, batch_size, img_size, amp=False, compile=False, num_classes=1000):
-    """A function that runs one training step of `model` on its device and returns its seconds."""
+def seconds_per_call(fn, calls, cuda):
+    """Mean seconds of `calls` calls of fn; on CUDA from events recorded before and after them all,
+    with one synchronize at the end and none between calls."""
+    if not cuda:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
+
+
+def make_train_step(model, batch_size, img_size, precision, compile=False, steps=1,
+                    num_classes=1000):
+    """A function that runs `steps` training steps of `model` on its device at `precision`
+    (bf16, fp16 or fp32) and returns their mean seconds."""
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     opt = vitc.make_optimizer(model, "adamw", 1e-4, 0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # as train.py
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     run = torch.compile(model) if compile else model
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
-        sync()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
             loss = F.cross_entropy(run(x), y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - start
-    return step
+    return lambda: seconds_per_call(step, steps, device.type == "cuda")
 
 
-def bf16_matmul_peak(n=8192, reps=20):
-    """Achieved bf16 matmul FLOP/s on this GPU: the denominator of MFU."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+def default_precision():
+    """fp32 on the CPU; on CUDA bf16, or fp16 before compute capability 8.0 (the V100: no bf16)."""
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
+
+
+def matmul_peak(precision, n=8192, reps=20):
+    """Achieved matmul FLOP/s on this GPU at `precision` (fp32: TF32 from the A100 on): the
+    denominator of "MFU matmul"."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    seconds_per_call(lambda: a @ b, 3, cuda=True)  # warm-up
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, cuda=True)
+
+
+# Dense tensor-core TFLOP/s (the datasheets' figures "with sparsity" halved), per precision, from
+# NVIDIA's datasheets; fp32 is TF32 (which bench.py turns on) from the A100 on. The first entry
+# whose key is a word of torch.cuda.get_device_name() wins, so variants come before the plain name.
+DATASHEET_TFLOPS = [
+    ("V100S", {"fp16": 130}),  # NVIDIA V100 datasheet: V100S PCIe
+    ("V100-PCIE", {"fp16": 112}),  # V100 PCIe
+    ("V100", {"fp16": 125}),  # V100 SXM2
+    ("A100", {"bf16": 312, "fp16": 312, "fp32": 156}),  # NVIDIA A100 datasheet: PCIe and SXM4
+    ("H100 NVL", {"bf16": 835, "fp16": 835, "fp32": 417}),  # NVIDIA H100 datasheet
+    ("H100 PCIe", {"bf16": 756, "fp16": 756, "fp32": 378}),
+    ("H100", {"bf16": 989, "fp16": 989, "fp32": 494}),  # H100 SXM ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", {"bf16": 835, "fp16": 835, "fp32": 417}),  # NVIDIA H200 datasheet
+    ("H200", {"bf16": 989, "fp16": 989, "fp32": 494}),  # H200 SXM
+    ("L4", {"bf16": 121, "fp16": 121, "fp32": 60}),  # NVIDIA L4 datasheet
+    ("A10", {"bf16": 125, "fp16": 125, "fp32": 62.5}),  # NVIDIA A10 datasheet
+]
+
+
+def datasheet_peak(precision):
+    """(FLOP/s or None, what it is): this GPU's entry in DATASHEET_TFLOPS at `precision`."""
+    name = torch.cuda.get_device_name()
+    for key, tflops in DATASHEET_TFLOPS:
+        if re.search(rf"\b{re.escape(key)}\b", name, re.IGNORECASE):
+            if precision not in tflops:
+                return None, f"n/a (no {precision} figure for {name})"
+            return tflops[precision] * 1e12, f"{tflops[precision]:g} TFLOP/s ({key})"
+    return None, f"n/a (unknown GPU {name})"
 
 
 def geometric_mean(values):
@@ -103,13 +158,15 @@ def time_rounds(steps, rounds, warmup=2):
     return times
 
 
-def report(times, batch_size, pairs, flops=None, peak=None):
-    print(f"{'model':<22} {'img/s':>9} {'ms/step':>9}" + ("      MFU" if peak else ""))
+def report(times, batch_size, pairs, flops, peaks):
+    """peaks: {MFU column: FLOP/s, or None for n/a}; none without CUDA."""
+    print(f"{'model':<22} {'img/s':>9} {'ms/step':>9}" + "".join(f" {c:>13}" for c in peaks))
     for name, seconds in times.items():
         step = geometric_mean(seconds)
         line = f"{name:<22} {batch_size / step:>9.1f} {step * 1e3:>9.1f}"
-        if peak:  # training = forward + backward = 3 x the forward's multiply-adds, 2 flops each
-            line += f" {6 * flops[name] * batch_size / step / peak:>8.1%}"
+        for peak in peaks.values():  # training = 3 x the forward's multiply-adds, 2 flops each
+            line += f" {6 * flops[name] * batch_size / step / peak:>13.1%}" if peak else \
+                f" {'n/a':>13}"
         print(line)
     for a, b in pairs:
         ratios = [x / y for x, y in zip(times[a], times[b])]
@@ -238,11 +295,11 @@ def gpu_images_per_sec(args):
         return {name: (IMAGENET_TRAIN_IMAGES / (PAPER_EPOCH_MINUTES[name] * 60) / 8,
                        f"paper Table 1, {PAPER_EPOCH_MINUTES[name]} min/epoch on 8 V100s")
                 for name in args.models}
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     steps = {name: make_train_step(vitc.create_model(name, img_size=args.img_size).cuda(),
-                                   args.batch_size, args.img_size, amp=True, compile=args.compile)
+                                   args.batch_size, args.img_size, args.precision, args.compile,
+                                   args.steps)
              for name in args.models}
-    source = f"{torch.cuda.get_device_name()}, bf16 step, batch {args.batch_size}"
+    source = f"{torch.cuda.get_device_name()}, {args.precision} step, batch {args.batch_size}"
     return {name: (args.batch_size / geometric_mean(seconds), source)
             for name, seconds in time_rounds(steps, args.rounds).items()}
 
@@ -324,10 +381,17 @@ def main(argv=None):
     parser.add_argument("--torchvision", action="store_true",
                         help="also time torchvision's VisionTransformer twin of each model")
     parser.add_argument("--batch-size", type=int,
-                        help="images per step (default: 32; with --loader 256, also per "
-                             "DataLoader batch)")
+                        help="images per step (default: 256 on CUDA, lower it if memory runs "
+                             "out; 32 on the CPU, 256 with --loader, also per DataLoader batch)")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                        help="autocast dtype, fp16 with loss scaling; fp32 is TF32 on CUDA "
+                             "(default: bf16 on CUDA, fp16 before compute capability 8.0, fp32 "
+                             "on the CPU)")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds")
+    parser.add_argument("--steps", type=int,
+                        help="training steps per model and round, timed together (default: 10 "
+                             "on CUDA, 1 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--loader", metavar="DIR",
                         help="time the input pipeline on the JPEGs in DIR (or DIR/train), one "
@@ -343,26 +407,34 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.make_jpegs is not None and args.loader is None:
         raise RunError("--make-jpegs N makes JPEGs for --loader DIR: pass --loader too")
+    cuda = torch.cuda.is_available()
+    if cuda:  # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    args.precision = args.precision or default_precision()
+    args.steps = (10 if cuda else 1) if args.steps is None else args.steps
+    if args.batch_size is None:
+        args.batch_size = 256 if cuda or args.loader is not None else 32
+    if min(args.batch_size, args.rounds, args.steps) < 1:
+        raise RunError("--batch-size, --rounds and --steps must be >= 1")
     if args.loader is not None:
-        args.batch_size = 256 if args.batch_size is None else args.batch_size
-        if min(args.batch_size, args.rounds, args.images, *args.workers) < 1 or (
+        if min(args.images, *args.workers) < 1 or (
                 args.make_jpegs is not None and args.make_jpegs < 1):
-            raise RunError("--batch-size, --rounds, --images, --workers and --make-jpegs must be "
-                           ">= 1")
+            raise RunError("--images, --workers and --make-jpegs must be >= 1")
         if args.torchvision:
             raise RunError("--torchvision times training steps: it has no meaning with --loader")
         bench_loader(args)
         return 0
-    args.batch_size = 32 if args.batch_size is None else args.batch_size
-    cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    detail, peaks = args.precision, {}
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    peak = bf16_matmul_peak() if cuda else None
-    detail = f"bf16, matmul peak {peak / 1e12:.0f} TFLOP/s" if cuda else "fp32"
-    print(f"torch {torch.__version__}, {device} ({detail}), {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, {args.img_size} px, compile {args.compile}, "
-          f"{args.rounds} rounds")
+        peaks["MFU matmul"] = matmul_peak(args.precision)
+        peaks["MFU datasheet"], sheet = datasheet_peak(args.precision)
+        detail += (f"; peak: matmul measured {peaks['MFU matmul'] / 1e12:.0f} TFLOP/s, "
+                   f"datasheet {sheet}")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if cuda else 'cpu'} "
+          f"({detail}), {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.img_size} px, compile {args.compile}, {args.rounds} rounds x {args.steps} steps")
     models, pairs = {}, []
     for name in args.models:
         models[name] = vitc.create_model(name, img_size=args.img_size)
@@ -383,9 +455,9 @@ def main(argv=None):
             flops[name] = vitc.complexity(vitc.create_model(base, img_size=args.img_size),
                                           bias_flops=False)["flops"]
         model.to(device)
-    steps = {name: make_train_step(m, args.batch_size, args.img_size, amp=cuda,
-                                   compile=args.compile) for name, m in models.items()}
-    report(time_rounds(steps, args.rounds), args.batch_size, pairs, flops, peak)
+    steps = {name: make_train_step(m, args.batch_size, args.img_size, args.precision,
+                                   args.compile, args.steps) for name, m in models.items()}
+    report(time_rounds(steps, args.rounds), args.batch_size, pairs, flops, peaks)
     return 0
 
 

@@ -1,10 +1,10 @@
-"""Tests of the tools (tools/*.py), which are not the paper: the input-pipeline benchmark, and the
-paper's stability experiments as commands (sweep.py, plot.py). CPU only; `python -m pytest -q`
-from the repository root runs them with test_vitc.py.
+"""Tests of the tools (tools/*.py), which are not the paper: the benchmarks, and the paper's
+stability experiments as commands (sweep.py, plot.py). CPU only; `python -m pytest -q` from the
+repository root runs them with test_vitc.py.
 
-Sections: the loader benchmark (bench.py --loader); sweep.py sample/grid/report/--launch and
-plot.py; export.py and the README's torchvision and timm sections; runsafe/decode.py's image
-modes.
+Sections: the benchmarks (bench.py, its --loader) and gpu_check.py's refusal without a GPU;
+sweep.py sample/grid/report/--launch and plot.py; export.py and the README's torchvision and timm
+sections; runsafe/decode.py's image modes.
 """
 
 import contextlib
@@ -44,15 +44,71 @@ from test_vitc import (  # noqa: E402, F401  (fixtures: a tiny ImageFolder, no f
 
 
 # ------------------------------------------------------------------------------------------------
-# tools/bench.py --loader: the input pipeline
+# tools/bench.py: the training step and the input pipeline (--loader); tools/gpu_check.py
 # ------------------------------------------------------------------------------------------------
+
+bench = load_tool("bench")
+NO_GPU = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU path, also on a machine with GPUs
+
+
+def test_model_benchmark_runs_on_the_cpu_and_prints_its_table():
+    run = subprocess.run([sys.executable, str(HERE / "tools" / "bench.py"), "--models",
+                          "vitp_1gf", "vitc_1gf", "--batch-size", "2", "--img-size", "32",
+                          "--rounds", "2", "--steps", "2"], capture_output=True, text=True,
+                         timeout=120, env=NO_GPU)
+    assert run.returncode == 0, run.stderr
+    head, columns, *rows, ratio = run.stdout.splitlines()
+    assert re.fullmatch(r"torch \S+, cpu \(fp32\), \d+ threads, batch 2, 32 px, compile False, "
+                        r"2 rounds x 2 steps", head), head
+    assert columns.split() == ["model", "img/s", "ms/step"]  # no MFU without a GPU
+    assert [row.split()[0] for row in rows] == ["vitp_1gf", "vitc_1gf"]
+    assert all(float(value) > 0 for row in rows for value in row.split()[1:]), rows
+    assert ratio.startswith("step time vitc_1gf / vitp_1gf: ")
+
+
+def test_bench_takes_the_datasheet_peak_by_the_gpu_name(monkeypatch):
+    expected = {  # (name as torch.cuda.get_device_name() says it, precision): TFLOP/s or why not
+        ("NVIDIA H100 80GB HBM3", "bf16"): 989, ("NVIDIA H100 PCIe", "fp32"): 378,
+        ("NVIDIA H200", "bf16"): 989, ("NVIDIA H200 NVL", "fp16"): 835,
+        ("NVIDIA A100-SXM4-80GB", "fp32"): 156, ("NVIDIA A100 80GB PCIe", "bf16"): 312,
+        ("Tesla V100-SXM2-16GB", "fp16"): 125, ("Tesla V100-PCIE-32GB", "fp16"): 112,
+        ("Tesla V100S-PCIE-32GB", "fp16"): 130, ("NVIDIA L4", "bf16"): 121,
+        ("NVIDIA A10", "fp32"): 62.5,
+        ("NVIDIA L40S", "bf16"): "n/a (unknown GPU NVIDIA L40S)",  # not the L4
+        ("NVIDIA A10G", "bf16"): "n/a (unknown GPU NVIDIA A10G)",  # not the A10
+        ("Tesla V100-SXM2-16GB", "bf16"): "n/a (no bf16 figure for Tesla V100-SXM2-16GB)"}
+    for (name, precision), want in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
+        peak, text = bench.datasheet_peak(precision)
+        assert (text if peak is None else peak / 1e12) == want, (name, precision)
+
+
+def test_bench_precision_is_fp16_before_compute_capability_8_and_bf16_from_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, precision in [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                  ((9, 0), "bf16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert bench.default_precision() == precision, capability
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.default_precision() == "fp32"
+    model = vitc.create_model("vitc_1gf", num_classes=10, img_size=32)  # fp16's loss scaling runs
+    assert bench.make_train_step(model, 2, 32, "fp16", steps=2, num_classes=10)() > 0
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    run = subprocess.run([sys.executable, str(HERE / "tools" / "gpu_check.py")],
+                         capture_output=True, text=True, timeout=60, env=NO_GPU)
+    assert (run.returncode, run.stdout) == (2, "") and run.stderr.splitlines() == [
+        "gpu_check.py: error: no CUDA GPU here (torch.cuda.is_available() is False): nothing "
+        "to check"]
 
 
 def test_loader_benchmark_times_each_stage_and_the_cores_a_gpu_needs(tmp_path):
     bench = [sys.executable, str(HERE / "tools" / "bench.py"), "--loader"]
     run = subprocess.run([*bench, str(tmp_path / "jpegs"), "--make-jpegs", "6", "--images", "4",
                           "--rounds", "2", "--workers", "1", "--batch-size", "2", "--models",
-                          "vitp_1gf", "vitc_36gf"], capture_output=True, text=True, timeout=120)
+                          "vitp_1gf", "vitc_36gf"], capture_output=True, text=True, timeout=120,
+                         env=NO_GPU)
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "jpegs" / "train").glob("class_*/*.jpg"))) == 6
     rates = dict(re.findall(r"^(read file bytes|PIL decode \+ convert RGB|torchvision.io."
