@@ -135,10 +135,14 @@ def test_vitc_rows_derive_from_vitp_rows():
         assert c.stem_channels and not p.stem_channels
 
 
-def readme_python_blocks(heading=None):
-    """The ```python blocks of README.md, or those of the section titled `heading` (up to the
-    next ## or ### heading): tests find their block by its section, wherever it moves."""
-    text = (HERE / "README.md").read_text()
+DOCS_STEM = "docs/conv-stem-elsewhere.md"  # the conv stem in torchvision and timm, the export
+
+
+def readme_python_blocks(heading=None, path="README.md"):
+    """The ```python blocks of README.md (or of `path`, e.g. a docs/ page), or those of the
+    section titled `heading` (up to the next ## or ### heading): tests find their block by its
+    section, wherever it moves."""
+    text = (HERE / path).read_text()
     if heading is not None:
         text = re.split(rf"^##+ {re.escape(heading)}\n", text, flags=re.M)[1]
         text = re.split(r"^##+ ", text, flags=re.M)[0]
@@ -146,14 +150,17 @@ def readme_python_blocks(heading=None):
 
 
 def test_readme_python_examples_run():
-    # Every python block of the README is run by a test: this one, the pasted ConvStem below, and
-    # tools/test_tools.py's torchvision, export and timm blocks.
-    assert len(readme_python_blocks()) == 5
+    # Every python block of the README and docs/ is run by a test: this one, the pasted ConvStem
+    # below, and tools/test_tools.py's torchvision, timm and export blocks (docs/).
+    assert len(readme_python_blocks()) == 2
+    assert len(readme_python_blocks(path=DOCS_STEM)) == 3
+    assert not any(readme_python_blocks(path=f"docs/{page.name}")
+                   for page in (HERE / "docs").glob("*.md") if f"docs/{page.name}" != DOCS_STEM)
     exec(readme_python_blocks("The eight models")[0], {})  # the repository's API, run from here
 
 
 def test_readme_conv_stem_is_vitc_s_and_runs_pasted_outside_the_repository(tmp_path):
-    (block,) = readme_python_blocks("Copying the conv stem into your model")
+    (block,) = readme_python_blocks("The conv stem")
     assert inspect.getsource(vitc.ConvStem) in block  # the README's copy is the real one
     script = tmp_path / "pasted.py"
     script.write_text(block)

@@ -598,7 +598,8 @@ def test_a_run_exported_gives_vitc_s_logits_in_torchvision_alone(run, tmp_path):
     images = torch.stack([EVAL(Image.open(path).convert("RGB"))
                           for path in sorted((run.parent / "data" / "val").glob("*/*.jpg"))])
     torch.save(images, tmp_path / "images.pt")
-    (block,) = readme_python_blocks("Exporting a trained model to torchvision")
+    (block,) = readme_python_blocks("Exporting a trained model to torchvision",
+                                    "docs/conv-stem-elsewhere.md")
     assert '"vitc_1gf-tv.pt"' in block  # the file name the README loads, replaced by ours
     script = tmp_path / "load.py"
     script.write_text(block.replace('"vitc_1gf-tv.pt"', repr(str(out))) + LOGITS)
@@ -771,7 +772,7 @@ def test_export_replaces_only_an_earlier_export_and_never_writes_into_a_run(run,
 
 def test_readme_torchvision_conv_stem_configs_build_our_vitc_models(capsys):
     from torchvision.models.vision_transformer import VisionTransformer
-    (block,) = readme_python_blocks("The conv stem in torchvision")
+    (block,) = readme_python_blocks("The conv stem in torchvision", "docs/conv-stem-elsewhere.md")
     namespace = {}
     exec(block, namespace)  # builds ViT_C-1GF at 224 px and prints its parameter count
     printed = capsys.readouterr().out.strip()
@@ -799,7 +800,7 @@ def test_readme_torchvision_conv_stem_configs_build_our_vitc_models(capsys):
 
 def test_readme_timm_adapter_makes_our_vitc_in_timm(capsys):
     pytest.importorskip("timm")
-    (block,) = readme_python_blocks("The conv stem in timm")
+    (block,) = readme_python_blocks("The conv stem in timm", "docs/conv-stem-elsewhere.md")
     namespace = {}
     exec(block, namespace)  # builds ViT_C-1GF at 224 px and runs it
     assert capsys.readouterr().out.strip() == "torch.Size([2, 1000])"
