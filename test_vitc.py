@@ -20,6 +20,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import datetime
 import errno
 import fcntl
 import functools
@@ -53,6 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 import vitc
 from runsafe import checkpoint, folder, monitor, signals
+from runsafe import dist as rdist
+from runsafe.images import ImageFiles
 from runsafe import run as runrun
 from runsafe.errors import RunError
 from runsafe.monitor import CHECK_EVERY
@@ -1410,6 +1413,178 @@ def test_image_files_reached_twice_through_links_are_refused(data, tmp_path, cap
     shutil.copy(root / "train" / "cat" / "0.jpg", outside)
     (root / "train" / "dog" / "linked.jpg").symlink_to(outside)
     assert len(train.ImageFiles(str(root / "train"), None, True, 32)) == 25
+
+
+def flip_bytes_in_the_middle(path, count=64):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the tensors' bytes
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(data)
+
+
+def test_a_damaged_checkpoint_is_refused_naming_what_is_intact(data, full_run, tmp_path, capsys):
+    run = shutil.copytree(full_run, tmp_path / "run")
+    flip_bytes_in_the_middle(run / "checkpoint.pt")
+    err = run_failing(tiny(data, run, "--resume", "auto"), capsys)
+    best = load(run / "best.pt")["epoch"]
+    assert err == (f"train.py: error: {run / 'checkpoint.pt'}: damaged (its contents do not match "
+                   f"its checksum); {run / 'best.pt'} (epoch {best}) is intact and holds the best "
+                   f"weights")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["model"].pop("head.weight"),  # as a checkpoint of an older vitc.py would be
+     "its contents do not fit this train.py (RuntimeError: Error(s) in loading state_dict"),
+    (lambda c: c.update(args="vitc_1gf"),
+     "not a train.py checkpoint ('args' missing or of the wrong type"),
+    (lambda c: c.update(rng=[]), "not a train.py checkpoint (no RNG state in 'rng')"),
+    (lambda c: c.update(rng=[{}]), "its contents do not fit this train.py (KeyError: 'torch')"),
+])
+def test_a_checkpoint_of_the_right_format_but_wrong_contents_is_one_line(data, full_run, tmp_path,
+                                                                        capsys, change, message):
+    ckpt = load(full_run / "checkpoint.pt")
+    change(ckpt)
+    checkpoint.save(ckpt, str(tmp_path / "checkpoint.pt"))  # with a checksum: not damaged
+    assert message in run_failing(tiny(data, tmp_path, "--resume", "auto"), capsys)
+
+
+def test_resume_given_a_folder_says_what_it_takes(data, full_run, capsys):
+    err = run_failing(tiny(data, full_run, "--resume", str(full_run)), capsys)
+    assert err.endswith(f"--resume {full_run}: a folder; --resume takes a checkpoint file, or "
+                        f"'auto' with --out RUN_FOLDER")
+
+
+def test_data_gone_mid_run_names_the_class_folders_that_went(data, tmp_path):
+    root = shutil.copytree(data, tmp_path / "data")
+    train_set = ImageFiles(str(root / "train"), None, True, 32)
+    watch = argparse.Namespace(run=argparse.Namespace(train_set=train_set, args=argparse.Namespace(
+        data=str(root))))
+    (root / "train" / "cat").rename(root / "train" / "lynx")
+    assert monitor.Monitor.data_gone(watch) == (
+        f"{root / 'train'}: 64 files in a row cannot be read: class folders gone since the run "
+        f"began: cat")
+
+
+def test_checkpoints_hold_cpu_copies(tmp_path, monkeypatch):
+    # On a GPU the run's state is on the device; a checkpoint must load on a machine without one.
+    copied, real = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copied.append(t) or real(t, *a, **k))
+    state = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: {"m": torch.zeros(3)}}},
+             "rng": [{"torch": torch.get_rng_state()}]}
+    checkpoint.save(state, str(tmp_path / "c.pt"))
+    assert len(copied) >= 3  # each tensor, at least
+    assert checkpoint.load(str(tmp_path / "c.pt"))["model"]["w"].device.type == "cpu"
+
+
+def test_a_gpu_without_kernels_in_this_torch_is_refused(monkeypatch):
+    # The default CUDA 13 wheels have no sm_70 (V100) kernels: its first kernel would fail.
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: [
+        "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    capability = {"value": (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    with pytest.raises(RunError, match=r"^Tesla V100-SXM2-32GB \(sm_70\) has no kernels in torch "
+                                       r".*built for sm_75 .*: install a torch build that has "
+                                       r"them \(for V100: the CUDA 12.6 wheels"):
+        rdist.check_gpu(torch.device("cuda", 0))
+    for capability["value"] in ((9, 0), (12, 1)):  # H100: sm_90; a newer GPU: compute_120's PTX
+        rdist.check_gpu(torch.device("cuda", 0))
+
+
+def test_precision_defaults_to_bf16_from_compute_capability_8_and_fp16_before(monkeypatch):
+    capability = {"value": (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert train.default_precision(torch.device("cuda", 0)) == "fp16"  # V100: loss scaling
+    capability["value"] = (8, 0)
+    assert train.default_precision(torch.device("cuda", 0)) == "bf16"  # A100 and later
+    assert train.default_precision(torch.device("cpu")) == "fp32"
+
+
+def test_ranks_wait_for_each_other_as_long_as_dist_timeout_says(monkeypatch):
+    # NCCL's own default is 10 minutes: less than rank 0 may need to write a 36GF checkpoint.
+    seen = {}
+
+    def init_process_group(backend, **kwargs):
+        seen.update(kwargs, backend=backend)
+        raise RuntimeError("no process group in this test")
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="no process group"):
+        with rdist.distributed(45):
+            pass
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(minutes=45)
+    assert train.parse_args(["--data", "fake"]).dist_timeout == 30
+
+
+def test_workers_default_to_the_cores_this_process_may_use_per_local_rank(data, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(48)))  # Slurm's, say
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    args = train.parse_args(tiny(data, tmp_path)[:-2])  # without --workers
+    assert train.build_run(args, 0, 1, torch.device("cpu")).workers == 12
+
+
+def test_grad_scaler_private_scale_means_what_fp16_counts_skipped_steps_by():
+    # scaled_step reads GradScaler._scale (get_scale() would wait for the GPU): should a torch
+    # upgrade change that attribute's meaning, this fails.
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    run = argparse.Namespace(scaler=scaler, optimizer=optimizer)
+    for grad, skipped in ((1.0, False), (math.inf, True), (1.0, False)):
+        scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+        model.weight.grad.fill_(grad)
+        assert isinstance(scaler._scale, torch.Tensor) and scaler._scale.item() == scaler.get_scale()
+        assert bool(train.scaled_step(run)) is skipped
+        optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0  # halved once, at the overflow
+
+
+@slow
+def test_data_gone_on_one_rank_in_precise_bn_stops_every_rank(data, tmp_path):
+    # Rank 1 alone loses its data after training epoch 1: its precise BN finds nothing but
+    # blanks. Every rank stops with its line, none waits in a collective for the timeout.
+    script = tmp_path / "rank_1_loses_its_data.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import train\n"
+        "real = train.train_one_epoch\n"
+        "def train_one_epoch(run, epoch):\n"
+        "    done = real(run, epoch)\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        run.train_set.loader = lambda path: open('/no/such/file')\n"
+        "    return done\n"
+        "train.train_one_epoch = train_one_epoch\n"
+        "sys.exit(train.cli())\n")
+    proc = torchrun_two_ranks(tiny(data, tmp_path / "run", "--epochs", "1", "--warmup-epochs",
+                                   "0"), script, tmp=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert proc.returncode != 0 and errors[0].startswith("train.py: error: [rank 1] "), proc.stderr
+    assert "images could not be read (in precise BN after epoch 1)" in errors[0]
+
+
+@slow
+def test_ranks_that_see_other_data_are_refused_naming_the_rank(data, tmp_path):
+    # One node's copy of the data lacks a file: the shards would overlap, or the ranks hang.
+    script = tmp_path / "rank_1_misses_a_file.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import train\n"
+        "real = train.build_datasets\n"
+        "def build_datasets(args):\n"
+        "    train_set, val_set, classes = real(args)\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        del train_set.samples[5]\n"
+        "    return train_set, val_set, classes\n"
+        "train.build_datasets = build_datasets\n"
+        "sys.exit(train.cli())\n")
+    proc = torchrun_two_ranks(tiny(data, tmp_path / "run"), script, tmp=tmp_path)
+    line = proc.stderr.lstrip().splitlines()[0]
+    assert proc.returncode != 0 and line.startswith("train.py: error: rank 1 (on "), proc.stderr
+    assert "sees other data than rank 0" in line and "train/val images 23/9 against 24/9" in line
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -332,15 +332,21 @@ class Run:
     resumed: dict | None = None  # what the checkpoint said, when resuming
 
 
+def default_precision(device):
+    """bf16 autocast on GPUs that have it (compute capability 8.0: A100 and later), fp16 with
+    loss scaling on older ones (V100, whose bf16 has no tensor cores), fp32 on the CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
 def build_run(args, rank, world_size, device):
     """Data, model, EMA, optimizer and schedule, restored from a checkpoint when resuming. The
     data and the checkpoint are checked here, on every rank, before any training."""
     if args.batch_size % (world_size * args.accum_steps):
         raise RunError(f"--batch-size {args.batch_size} is not divisible by world size "
                        f"{world_size} x --accum-steps {args.accum_steps}")
-    if args.train_precision is None:  # bf16 where the GPU has it, fp16 on older GPUs (V100)
-        args.train_precision = "fp32" if device.type != "cuda" else (
-            "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16")
+    args.train_precision = args.train_precision or default_precision(device)
     if device.type == "cuda":  # TF32 matmuls and convolutions (fp32 evaluation turns them off)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -673,10 +679,9 @@ def recompute_bn_statistics(run, epoch):
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(seed)
         precise_bn(models, precise_bn_batches(run, seed, gone))
-    if dist.any_rank(gone[0], run.device):  # agreed: every rank stops, none waits
-        raise RunError(f"{run.train_set.root}: {gone[0]} train images in a row cannot be read "
-                       f"(in precise BN after epoch {run.epoch}): is the data folder still there? "
-                       f"The last checkpoint stays in {run.args.out}")
+    dist.agree(RunError(f"{run.train_set.root}: {gone[0]} images could not be read (in precise "
+                        f"BN after epoch {run.epoch}): is the data folder still there? The last "
+                        f"checkpoint stays in {run.args.out}") if gone[0] else None)
 
 
 @contextlib.contextmanager

@@ -99,6 +99,8 @@ def good_state(path):
 def load_resumable(path, args):
     """A checkpoint that `args` can resume: complete, intact and of the same model and recipe."""
     ckpt = load(path, keys=KEYS)
+    if not ckpt["rng"]:
+        raise RunError(f"{path}: not a train.py checkpoint (no RNG state in 'rng')")
     for key in RESUME_KEYS:
         if ckpt["args"].get(key) != getattr(args, key):
             raise RunError(f"--resume {path}: checkpoint has {key}={ckpt['args'].get(key)}, this "

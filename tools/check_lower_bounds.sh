@@ -13,4 +13,4 @@ python3 -m venv "$venv"
 "$venv/bin/python" -c "import torch, torchvision, tqdm, pytest, matplotlib, timm; print('torch',
     torch.__version__, 'torchvision', torchvision.__version__, 'tqdm', tqdm.__version__, 'pytest',
     pytest.__version__, 'matplotlib', matplotlib.__version__, 'timm', timm.__version__)"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider
+VITC_SLOW=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider
