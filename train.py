@@ -43,7 +43,7 @@ import vitc
 from runsafe import dist, signals
 from runsafe import run as runfolder
 from runsafe.errors import HelpFormatter, Parser, QuietStream, RunError, number, run_cli
-from runsafe.images import FakeImages, ImageFiles, SkipSampler, warn_unreadable
+from runsafe.images import FakeImages, ImageFiles, warn_unreadable
 from runsafe.monitor import Monitor, epoch_figures, new_progress
 
 # ================================================================================================
@@ -553,9 +553,9 @@ def train_batches(run, epoch, skip):
     Workers start afresh each epoch, seeded from the main process's (checkpointed) RNG, so that
     a resumed epoch sees the same augmentations as an uninterrupted one."""
     run.sampler.set_epoch(epoch)
-    sampler = SkipSampler(run.sampler, skip * run.micro_batch)
+    indices = list(run.sampler)[skip * run.micro_batch:]  # a list of indices is a sampler too
     return iter(loader(run.train_set, run.micro_batch, run.workers, run.device,
-                       sampler=sampler, drop_last=True))
+                       sampler=indices, drop_last=True))
 
 
 def loader(dataset, batch_size, workers, device, **kwargs):

@@ -86,14 +86,14 @@ def verify(path, obj):
 
 
 def good_state(path):
-    """What else the folder holds, for a damaged checkpoint's message."""
+    """What else the folder holds, for a damaged file's message."""
     best = os.path.join(os.path.dirname(path), "best.pt")
-    if best == path or not os.path.exists(best):
-        return "; no other copy of the run is kept"
     try:
-        return f"; {best} (epoch {load(best)['epoch']}) is intact and holds the best weights"
+        epoch = load(best)["epoch"] if best != path and os.path.exists(best) else None
     except RunError:
         return f"; {best} is damaged too"
+    return "; no other copy of the run is kept" if epoch is None else \
+        f"; {best} (epoch {epoch}) is intact and holds the best weights"
 
 
 def load_resumable(path, args):

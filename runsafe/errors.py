@@ -2,6 +2,7 @@
 number types, and output that never stops a run."""
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -11,22 +12,16 @@ import time
 
 
 class RunError(Exception):
-    """Bad input, or a run that cannot go on: reported as one line, exit status `status`."""
+    """Bad input, or a run that cannot go on: one line, exit status `status`."""
     status = 2
 
 
 class FolderInUse(RunError):
-    """The run folder is locked by a live train.py: exit status 3, so that a sweep can tell."""
-    status = 3
-
-
-class Diverged(RunError):
-    """The loss went non-finite."""
+    status = 3  # the run folder is locked by a live train.py: a sweep can tell
 
 
 class Stopped(RunError):
-    """A clean end before training began (a stop signal, a finished run): exit status 0."""
-    status = 0
+    status = 0  # a clean end before training began (a stop signal, a finished run)
 
 
 def number(kind, check, what):
@@ -54,21 +49,18 @@ class Parser(argparse.ArgumentParser):
 
 
 class QuietStream:
-    """sys.stdout / sys.stderr whose write errors (a reader gone: `| tee` killed by Ctrl-C, a
-    closed terminal) never stop the run: the stream goes to /dev/null from then on."""
+    """sys.stdout or sys.stderr whose write errors (its reader gone: `| tee` killed by Ctrl-C, a
+    closed terminal) never stop the run: from the first, it writes to /dev/null."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def _quiet(self, call, *args):
         try:
-            return call(*args)
+            call(*args)
         except (OSError, ValueError):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            except (OSError, ValueError):
-                pass
-            return None
 
     def write(self, text):
         self._quiet(self.stream.write, text)
@@ -83,19 +75,22 @@ class QuietStream:
 
 def run_cli(main, name, argv=None):
     """main(argv), with a RunError reported as one line `NAME: error: ...` (by rank 0 only under
-    torchrun) and its exit status, never a traceback; a second Ctrl-C is exit status 130. Output
-    piped to a reader that stops early (`sweep.py report | head`) ends quietly."""
+    torchrun, which also shows it as the root cause) and its exit status, never a traceback; a
+    second Ctrl-C is status 130. Output piped to a reader that stops early (`report | head`) ends
+    quietly."""
     rank_0 = int(os.environ.get("RANK", 0)) == 0
     try:
         status = main(argv)
         sys.stdout.flush()  # a reader gone shows here, not as a traceback at the exit
         return status
     except RunError as e:
-        if os.environ.get("TORCHELASTIC_ERROR_FILE") and e.status:  # torchrun's root cause
-            write_torchrun_error(os.environ["TORCHELASTIC_ERROR_FILE"], f"{name}: error: {e}")
+        line = f"{name}: {e}" if e.status == 0 else f"{name}: error: {e}"
+        if e.status and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {
+                    "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
         if rank_0:
-            print(f"{name}: {e}" if e.status == 0 else f"{name}: error: {e}",
-                  file=sys.stdout if e.status == 0 else sys.stderr, flush=True)
+            print(line, file=sys.stderr if e.status else sys.stdout, flush=True)
         return e.status
     except KeyboardInterrupt:
         if rank_0:
@@ -104,10 +99,3 @@ def run_cli(main, name, argv=None):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes
         return 128 + signal.SIGPIPE
-
-
-def write_torchrun_error(file, line):
-    """torchrun shows this file's message as the root cause in its failure summary."""
-    with open(file, "w") as f:
-        json.dump({"message": {"message": line, "extraInfo": {
-            "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)

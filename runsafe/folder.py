@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from . import signals
 from .errors import FolderInUse, RunError
@@ -91,18 +92,15 @@ def unlock():
 
 
 def new_folder(model):
-    """A new runs/MODEL-DATE-TIME, claimed by creating it (two runs started in the same second
-    get two)."""
-    base = os.path.join("runs", f"{model}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    for out in [base] + [f"{base}-{n}" for n in range(2, 1000)]:
-        try:
-            os.makedirs(out)
-            return out
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise RunError(f"cannot create the run folder {out} ({e.strerror})") from None
-    raise RunError(f"cannot create the run folder {base}: 999 others have its name")
+    """A new runs/MODEL-DATE-TIME-XXXX: claimed by creating it, so two runs never share one."""
+    try:
+        os.makedirs("runs", exist_ok=True)
+        out = tempfile.mkdtemp(prefix=f"{model}-{datetime.datetime.now():%Y%m%d-%H%M%S}-",
+                               dir="runs")
+        os.chmod(out, 0o755)  # mkdtemp's 0o700 would hide the run from the other users
+        return out
+    except OSError as e:
+        raise RunError(f"cannot create a run folder in runs/ ({e.strerror})") from None
 
 
 def provenance():

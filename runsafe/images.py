@@ -2,11 +2,9 @@
 next readable one, an unreadable val image is named and left out; both are counted (see
 monitor.py for the limits)."""
 
-import itertools
 import os
 import sys
 
-import torch
 from PIL import Image
 from torchvision import datasets
 from tqdm import tqdm
@@ -43,38 +41,21 @@ class ImageFiles(datasets.ImageFolder):
 
 def check_reached_once(samples):
     """ImageFolder follows symbolic links: a link loop repeats a folder's files (40 became 1,640)
-    and a second link to a folder or file counts its images twice, under two labels if in two
-    classes. Refused, naming the path. Folders are resolved once each, files only if links."""
-    folders, seen = {}, {}
+    and a second link to a folder or file counts its images twice. Refused, naming the path."""
+    first, folders = {}, {}
     for path, _ in samples:
         folder, name = os.path.split(path)
-        if folder not in folders:
-            folders[folder] = os.path.realpath(folder)
-        real = os.path.realpath(path) if os.path.islink(path) else os.path.join(folders[folder],
-                                                                                   name)
-        first = seen.setdefault(real, path)
-        if first != path:
-            raise RunError(f"{path} is {first} again (a symbolic link loop, or a second link to "
-                           f"a folder or an image): its images would count twice; remove the link")
+        real = os.path.realpath(path) if os.path.islink(path) else os.path.join(
+            folders.setdefault(folder, os.path.realpath(folder)), name)  # a folder resolved once
+        if first.setdefault(real, path) != path:
+            raise RunError(f"{path} is {first[real]} again (a symbolic link loop, or a second link "
+                           f"to a folder or an image): its images would count twice; remove the link")
 
 
 class FakeImages(datasets.FakeData):
     def __getitem__(self, index):
         image, label = super().__getitem__(index)
         return image, label, ""
-
-
-class SkipSampler(torch.utils.data.Sampler):
-    """The wrapped sampler without its first `skip` indices (an epoch resumed mid-way)."""
-
-    def __init__(self, sampler, skip):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
 
 
 def warn_unreadable(bad, rank_prefix=""):

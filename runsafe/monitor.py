@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import signals
 from .dist import all_sum, on_rank_0
-from .errors import Diverged, RunError
+from .errors import RunError
 from .folder import write_lines
 from .images import MAX_UNREADABLE_IN_A_ROW, warn_unreadable
 
@@ -108,7 +108,7 @@ class Monitor:
                 marker = {"epoch": self.epoch + 1, "step": step, "diverged": str(loss)}
                 on_rank_0(lambda: write_lines(os.path.join(run.args.out, "log.jsonl"),
                                               run.history + [marker]))  # for sweep reports
-                raise Diverged(f"loss is {loss} at step {step} (epoch {self.epoch + 1}); "
+                raise RunError(f"loss is {loss} at step {step} (epoch {self.epoch + 1}); "
                                f"stopped, the last good checkpoint stays in {run.args.out}")
             progress["loss_sum"] += loss
             progress["steps"] += 1
