@@ -57,7 +57,7 @@ from runsafe import checkpoint, folder, monitor, signals
 from runsafe import dist as rdist
 from runsafe.images import ImageFiles
 from runsafe import run as runrun
-from runsafe.errors import RunError
+from runsafe.errors import FolderInUse, RunError
 from runsafe.monitor import CHECK_EVERY
 
 HERE = Path(__file__).resolve().parent
@@ -1241,13 +1241,32 @@ def test_a_closed_terminal_neither_output_errors_nor_sighup_lose_the_epoch(tmp_p
 
 
 def test_a_filesystem_without_locks_gets_its_own_warning(tmp_path, monkeypatch, capsys):
-    def no_flock(fd, operation):
+    def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(folder.fcntl, "flock", no_flock)
+    monkeypatch.setattr(folder.fcntl, "flock", no_locks)
+    monkeypatch.setattr(folder.fcntl, "lockf", no_locks)
     folder.lock(str(tmp_path))  # not "in use by another train.py", and the run goes on
     folder.unlock()
     err = capsys.readouterr().err
-    assert f"warning: cannot lock {tmp_path} (No locks available: a filesystem without flock" in err
+    assert f"warning: cannot lock {tmp_path} (No locks available: a filesystem without locks" in err
+
+
+def test_the_lock_holds_with_its_file_deleted_and_on_nfs(tmp_path, monkeypatch):
+    holder = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); "
+              f"from runsafe import folder; folder.lock({str(tmp_path)!r}); print('held', "
+              f"flush=True); sys.stdin.read()"]
+    with started(holder, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline() == "held\n"
+        with monkeypatch.context() as nfs:  # NFS's flock cannot lock a folder: .lock still holds
+            nfs.setattr(folder.fcntl, "flock", lambda fd, operation: (_ for _ in ()).throw(
+                OSError(errno.EBADF, os.strerror(errno.EBADF))))
+            with pytest.raises(FolderInUse):
+                folder.lock(str(tmp_path))
+        (tmp_path / ".lock").unlink()  # deleted by hand: the folder's own lock still holds
+        with pytest.raises(FolderInUse):
+            folder.lock(str(tmp_path))
+    folder.lock(str(tmp_path))  # the holder gone: free
+    folder.unlock()
 
 
 def test_sigterm_again_never_aborts_a_stop_but_ctrl_c_again_does(capfd):
@@ -1562,6 +1581,26 @@ def test_data_gone_on_one_rank_in_precise_bn_stops_every_rank(data, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
     assert proc.returncode != 0 and errors[0].startswith("train.py: error: [rank 1] "), proc.stderr
     assert "images could not be read (in precise BN after epoch 1)" in errors[0]
+
+
+@slow
+def test_ranks_that_find_different_checkpoints_are_refused(data, tmp_path):
+    # --out on a node's own disk: only rank 0's node has the checkpoint; the others would start
+    # a new run beside the resumed one.
+    (tmp_path / "node1").mkdir()
+    assert train.cli(tiny(data, tmp_path / "node0" / "run", "--stop-after", "1")) == 0
+    script = tmp_path / "each_rank_in_its_node.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        f"os.chdir(os.path.join({str(tmp_path)!r}, 'node' + os.environ['RANK']))\n"
+        "import train\n"
+        "sys.exit(train.cli())\n")
+    proc = torchrun_two_ranks(tiny(data, "run", "--resume", "auto"), script, tmp=tmp_path)
+    line = proc.stderr.lstrip().splitlines()[0]
+    assert proc.returncode != 0 and line == ("train.py: error: the ranks found different "
+                                             "checkpoints in run (or none): --out must be on a "
+                                             "filesystem that every node sees"), proc.stderr
 
 
 @slow

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import transforms as T
@@ -350,10 +351,8 @@ def build_run(args, rank, world_size, device):
     if device.type == "cuda":  # TF32 matmuls and convolutions (fp32 evaluation turns them off)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    with dist.agreed():  # each rank reads its own filesystem; one rank's error stops them all
-        train_set, val_set, args.num_classes = build_datasets(args)
-        ckpt = runfolder.resumable(args, train_set)  # None for a new run
-    dist.check_same_data(train_set, val_set)
+    # Each rank reads its own filesystem; the ranks must agree (runsafe.run.inputs)
+    train_set, val_set, ckpt = runfolder.inputs(args, build_datasets)  # ckpt: None for a new run
     micro_batch = args.batch_size // (world_size * args.accum_steps)
     # Train: equal shards per rank, no padding, the last partial batch dropped (BN and mixup need
     # full batches). Workers restart every epoch, seeded from the checkpointed RNG.
@@ -550,8 +549,9 @@ def build_datasets(args):
 
 def train_batches(run, epoch, skip):
     """This rank's micro-batches of one epoch, without the first `skip` (mid-epoch resume).
-    Workers start afresh each epoch, seeded from the main process's (checkpointed) RNG, so that
-    a resumed epoch sees the same augmentations as an uninterrupted one."""
+    Workers start afresh each epoch, seeded from the main process's (checkpointed) RNG: resumed
+    at an epoch's start, a run sees the same augmentations as an uninterrupted one (mid-epoch,
+    with workers, new ones for the rest of that epoch)."""
     run.sampler.set_epoch(epoch)
     indices = list(run.sampler)[skip * run.micro_batch:]  # a list of indices is a sampler too
     return iter(loader(run.train_set, run.micro_batch, run.workers, run.device,
@@ -765,8 +765,8 @@ def cli(argv=None):
     a script), output that never stops the run, and one-line errors."""
     sys.stdout, sys.stderr = QuietStream(sys.stdout), QuietStream(sys.stderr)
     try:
-        with signals.caught():
-            return run_cli(main, "train.py", argv)
+        with signals.caught():  # under torchrun, another error's traceback is its root cause
+            return run_cli(record(main) if "RANK" in os.environ else main, "train.py", argv)
     finally:
         sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
 

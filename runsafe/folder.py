@@ -16,10 +16,10 @@ import tempfile
 from . import signals
 from .errors import FolderInUse, RunError
 
-_lock = {"fd": None}
+_held = []  # the file descriptors of the run folder's locks
 # flock locks follow the open file into forked children (DataLoader workers), which would hold
-# the folder for seconds after their parent was killed: children close their copy at once.
-os.register_at_fork(after_in_child=lambda: _lock["fd"] is not None and os.close(_lock["fd"]))
+# the folder for seconds after their parent was killed: children close their copies at once.
+os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in _held])
 
 
 def save_atomic(path, write):
@@ -68,27 +68,33 @@ def append_line(path, record):
 
 
 def lock(folder):
-    """Locks the run folder itself (a lock file could be deleted) while this process lives: a
-    second train.py on it (a job submitted twice) is refused with FolderInUse."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise FolderInUse(f"{folder} is in use by another train.py: wait for it to end, or "
-                              f"choose another --out") from None
-        print(f"train.py: warning: cannot lock {folder} ({e.strerror}: a filesystem without "
-              f"flock, such as Lustre mounted without -o flock): nothing stops a second train.py "
-              f"from writing this run folder at the same time", file=sys.stderr)
-        return
-    _lock["fd"] = fd
+    """Locks the run folder while this process lives: a second train.py on it (a job submitted
+    twice) is refused with FolderInUse. Two locks: flock on the folder itself, which no deleted
+    file can undo, and a POSIX lock on FOLDER/.lock, which NFS also honours (its flock cannot
+    lock a folder); either refuses a second run, and a filesystem with neither gets a warning."""
+    failed = []
+    for path, mode, take in ((folder, os.O_RDONLY, fcntl.flock),
+                             (os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, fcntl.lockf)):
+        fd = os.open(path, mode, 0o644)
+        try:
+            take(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _held.append(fd)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                unlock()
+                raise FolderInUse(f"{folder} is in use by another train.py: wait for it to end, "
+                                  f"or choose another --out") from None
+            failed.append(e.strerror)
+    if len(failed) == 2:
+        print(f"train.py: warning: cannot lock {folder} ({failed[0]}: a filesystem without locks, "
+              f"such as Lustre mounted without -o flock): nothing stops a second train.py from "
+              f"writing this run folder at the same time", file=sys.stderr)
 
 
 def unlock():
-    fd, _lock["fd"] = _lock["fd"], None
-    if fd is not None:
-        os.close(fd)
+    while _held:
+        os.close(_held.pop())
 
 
 def new_folder(model):

@@ -10,13 +10,27 @@ import torch
 import torchvision
 
 from . import checkpoint, folder, signals
-from .dist import agreed, all_gather, any_rank, on_rank_0, sync_buffers
+from .dist import agreed, all_gather, any_rank, check_same_data, on_rank_0, sync_buffers
 from .errors import RunError, Stopped
 
 
 def path(run_or_args, name="checkpoint.pt"):
     args = getattr(run_or_args, "args", run_or_args)
     return os.path.join(args.out, name)
+
+
+def inputs(args, build_datasets):
+    """(train set, val set, checkpoint or None), each rank's own (nodes read their own disks),
+    checked on every rank and agreed: one rank's error stops them all, and every rank must see
+    the same data and the same checkpoint."""
+    with agreed():
+        train_set, val_set, args.num_classes = build_datasets(args)
+        ckpt = resumable(args, train_set)
+    check_same_data(train_set, val_set)
+    if len(set(all_gather(ckpt and ckpt["sha256"]))) > 1:
+        raise RunError(f"the ranks found different checkpoints in {args.out} (or none): --out "
+                       f"must be on a filesystem that every node sees")
+    return train_set, val_set, ckpt
 
 
 def resumable(args, train_set):
@@ -84,7 +98,7 @@ def restore(run, ckpt):
     if ckpt["steps_per_epoch"] != run.steps_per_epoch:
         raise RunError(f"{ckpt['path']}: written with {ckpt['steps_per_epoch']} steps per epoch, "
                        f"this run has {run.steps_per_epoch} (different train set or world size)")
-    try:
+    with agreed(), _as_run_error(ckpt["path"]):
         run.model.load_state_dict(ckpt["model"])
         if run.ema is not None:  # a run that had no EMA starts one from the weights
             run.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
@@ -97,12 +111,18 @@ def restore(run, ckpt):
         elif run.rank == 0:
             print(f"note: checkpoint written by {len(ckpt['rng'])} ranks, resuming on "
                   f"{run.world_size}: the run continues but is not bit-identical")
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, ZeroDivisionError) as e:
-        raise RunError(f"{ckpt['path']}: its contents do not fit this train.py ({type(e).__name__}"
-                       f": {(str(e).splitlines() or [''])[0][:200]})") from None
     run.epoch, run.step, run.best = ckpt["epoch"], ckpt["step"], tuple(ckpt["best"])
     run.progress, run.history = ckpt["progress"], ckpt["history"]
     run.resumed = {"path": ckpt["path"], "args": ckpt["args"], "world_size": len(ckpt["rng"])}
+
+
+@contextlib.contextmanager
+def _as_run_error(path):
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise RunError(f"{path}: its contents do not fit this train.py ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
 
 def end_epoch(run, record):
@@ -174,7 +194,7 @@ def summary(run):
     print(f"{args.model}: {cx['flops'] / 1e9:.2f} GF, {cx['params'] / 1e6:.2f} M params | "
           f"{run.world_size} x {run.device.type}, global batch {args.batch_size}, "
           f"{run.steps_per_epoch} steps/epoch | torch {torch.__version__} | out {args.out}")
-    if run.resumed is None:
+    if run.resumed is None or run.epoch == args.epochs:
         return
     old, total = run.resumed["args"], args.epochs * run.steps_per_epoch
     within = run.step - run.epoch * run.steps_per_epoch
