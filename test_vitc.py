@@ -809,6 +809,15 @@ def torchrun_two_ranks(argv, script=HERE / "train.py", tmp=None, timeout=150):
     return run(cmd, timeout=timeout, env=env)
 
 
+def torchrun_patched(tmp_path, patch, argv):
+    """torchrun_two_ranks of train.py with `patch` (Python source, run in each rank after
+    `import os, train`) applied first: a rank that fails or sees things its own way."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(HERE)!r})\nimport train\n"
+                      f"{patch}\nsys.exit(train.cli())\n")
+    return torchrun_two_ranks(argv, script, tmp=tmp_path)
+
+
 @pytest.fixture(scope="session")
 def full_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -1074,19 +1083,13 @@ def test_a_second_train_py_on_a_busy_folder_is_refused(data, full_run, capsys):
 def test_an_error_on_one_rank_stops_every_rank_with_its_line(data, tmp_path):
     # Rank 1 alone cannot read its data (as on a node without the mount): both ranks stop with
     # that rank's line, instead of rank 0 waiting in a collective or reporting a lost peer.
-    script = tmp_path / "one_rank_fails.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(HERE)!r})\n"
-        "import train\n"
+    proc = torchrun_patched(tmp_path, (
         "real = train.build_datasets\n"
         "def build_datasets(args):\n"
         "    if os.environ['RANK'] == '1':\n"
         "        raise train.RunError('/data/train: missing on this node')\n"
         "    return real(args)\n"
-        "train.build_datasets = build_datasets\n"
-        "sys.exit(train.cli())\n")
-    proc = torchrun_two_ranks(tiny(data, tmp_path / "run"), script, tmp=tmp_path)
+        "train.build_datasets = build_datasets"), tiny(data, tmp_path / "run"))
     line = "train.py: error: [rank 1] /data/train: missing on this node"
     assert proc.returncode != 0 and proc.stderr.lstrip().splitlines()[0] == line, proc.stderr
     root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
@@ -1431,7 +1434,7 @@ def test_image_files_reached_twice_through_links_are_refused(data, tmp_path, cap
     outside = tmp_path / "outside.jpg"  # a link to an image reached once is fine
     shutil.copy(root / "train" / "cat" / "0.jpg", outside)
     (root / "train" / "dog" / "linked.jpg").symlink_to(outside)
-    assert len(train.ImageFiles(str(root / "train"), None, True, 32)) == 25
+    assert len(ImageFiles(str(root / "train"), None, True, 32)) == 25
 
 
 def flip_bytes_in_the_middle(path, count=64):
@@ -1563,21 +1566,15 @@ def test_grad_scaler_private_scale_means_what_fp16_counts_skipped_steps_by():
 def test_data_gone_on_one_rank_in_precise_bn_stops_every_rank(data, tmp_path):
     # Rank 1 alone loses its data after training epoch 1: its precise BN finds nothing but
     # blanks. Every rank stops with its line, none waits in a collective for the timeout.
-    script = tmp_path / "rank_1_loses_its_data.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(HERE)!r})\n"
-        "import train\n"
+    proc = torchrun_patched(tmp_path, (
         "real = train.train_one_epoch\n"
         "def train_one_epoch(run, epoch):\n"
         "    done = real(run, epoch)\n"
         "    if os.environ['RANK'] == '1':\n"
         "        run.train_set.loader = lambda path: open('/no/such/file')\n"
         "    return done\n"
-        "train.train_one_epoch = train_one_epoch\n"
-        "sys.exit(train.cli())\n")
-    proc = torchrun_two_ranks(tiny(data, tmp_path / "run", "--epochs", "1", "--warmup-epochs",
-                                   "0"), script, tmp=tmp_path)
+        "train.train_one_epoch = train_one_epoch"),
+        tiny(data, tmp_path / "run", "--epochs", "1", "--warmup-epochs", "0"))
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
     assert proc.returncode != 0 and errors[0].startswith("train.py: error: [rank 1] "), proc.stderr
     assert "images could not be read (in precise BN after epoch 1)" in errors[0]
@@ -1589,14 +1586,8 @@ def test_ranks_that_find_different_checkpoints_are_refused(data, tmp_path):
     # a new run beside the resumed one.
     (tmp_path / "node1").mkdir()
     assert train.cli(tiny(data, tmp_path / "node0" / "run", "--stop-after", "1")) == 0
-    script = tmp_path / "each_rank_in_its_node.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(HERE)!r})\n"
-        f"os.chdir(os.path.join({str(tmp_path)!r}, 'node' + os.environ['RANK']))\n"
-        "import train\n"
-        "sys.exit(train.cli())\n")
-    proc = torchrun_two_ranks(tiny(data, "run", "--resume", "auto"), script, tmp=tmp_path)
+    proc = torchrun_patched(tmp_path, f"os.chdir({str(tmp_path)!r} + '/node' + os.environ['RANK'])",
+                            tiny(data, "run", "--resume", "auto"))
     line = proc.stderr.lstrip().splitlines()[0]
     assert proc.returncode != 0 and line == ("train.py: error: the ranks found different "
                                              "checkpoints in run (or none): --out must be on a "
@@ -1606,20 +1597,14 @@ def test_ranks_that_find_different_checkpoints_are_refused(data, tmp_path):
 @slow
 def test_ranks_that_see_other_data_are_refused_naming_the_rank(data, tmp_path):
     # One node's copy of the data lacks a file: the shards would overlap, or the ranks hang.
-    script = tmp_path / "rank_1_misses_a_file.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(HERE)!r})\n"
-        "import train\n"
+    proc = torchrun_patched(tmp_path, (
         "real = train.build_datasets\n"
         "def build_datasets(args):\n"
         "    train_set, val_set, classes = real(args)\n"
         "    if os.environ['RANK'] == '1':\n"
         "        del train_set.samples[5]\n"
         "    return train_set, val_set, classes\n"
-        "train.build_datasets = build_datasets\n"
-        "sys.exit(train.cli())\n")
-    proc = torchrun_two_ranks(tiny(data, tmp_path / "run"), script, tmp=tmp_path)
+        "train.build_datasets = build_datasets"), tiny(data, tmp_path / "run"))
     line = proc.stderr.lstrip().splitlines()[0]
     assert proc.returncode != 0 and line.startswith("train.py: error: rank 1 (on "), proc.stderr
     assert "sees other data than rank 0" in line and "train/val images 23/9 against 24/9" in line

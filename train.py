@@ -11,8 +11,8 @@ run in outline), train_one_epoch() (the step), then the recipe's pieces: the run
 it is built, AutoAugment v0, data, lighting, mixup/CutMix, EMA, precise BN, evaluation. What keeps
 a long run safe (checkpoints and exact resume, the run folder, signals, ranks agreeing, unreadable
 files, one-line errors) is the package runsafe/ beside this file; nothing in it changes what is
-learned. A run writes runs/MODEL-DATE-TIME (or --out DIR): args.jsonl, log.jsonl, checkpoint.pt,
-best.pt; --out DIR --resume auto continues it. No ImageNet run has been made with it yet.
+learned. A run writes runs/MODEL-DATE-TIME-XXXXXXXX (or --out DIR): args.jsonl, log.jsonl,
+checkpoint.pt, best.pt; --out DIR --resume auto continues it. No ImageNet run has been made with it yet.
 """
 
 if __name__ == "__main__":  # stop signals are caught from the first moment, also while torch loads
@@ -145,7 +145,7 @@ def parse_args(argv):
     g.add_argument("--data", default=os.environ.get("IMAGENET"),
                    help="folder with train/ and val/ (default: $IMAGENET), or 'fake' for random "
                         "images that learn nothing (a smoke test of the pipeline)")
-    g.add_argument("--out", help="run folder (default: a new runs/MODEL-DATE-TIME)")
+    g.add_argument("--out", help="run folder (default: a new runs/MODEL-DATE-TIME-XXXXXXXX)")
     g.add_argument("--accum-steps", type=AT_LEAST_1, default=1,
                    help="gradient accumulation steps")
     g.add_argument("--eval-every", type=AT_LEAST_1, default=1, help="evaluate every N epochs")

@@ -210,7 +210,7 @@ def make_jpegs(root, count, classes=8, seed=0):
 
 
 def open_images(args):
-    """train.py's train set on --loader DIR (or DIR/train): train.ImageFiles with the train
+    """train.py's train set on --loader DIR (or DIR/train): runsafe.images.ImageFiles with the train
     transforms train.py builds from its own defaults at --img-size."""
     folder = os.path.join(args.loader, "train")
     folder = folder if os.path.isdir(folder) else args.loader

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the repository and tools/
 import export  # noqa: E402
 import runsafe.checkpoint  # noqa: E402
-from runsafe.errors import FolderInUse  # noqa: E402
+from runsafe.errors import FolderInUse, run_cli  # noqa: E402
 import train  # noqa: E402
 import vitc  # noqa: E402
 from test_vitc import (  # noqa: E402, F401  (fixtures: a tiny ImageFolder, no files left behind)
@@ -140,9 +140,9 @@ except ImportError:
 
 def run_tool(main, argv, capsys):
     """(exit status, stdout, stderr lines) of a tool's main() run in-process, as its command
-    line runs it (train.run_cli, the one-line errors of every script)."""
+    line runs it (runsafe.errors.run_cli, the one-line errors of every script)."""
     capsys.readouterr()
-    code = train.run_cli(main, "tool.py", argv)
+    code = run_cli(main, "tool.py", argv)
     out, err = capsys.readouterr()
     return code, out, err.strip().splitlines()
 
@@ -540,7 +540,7 @@ def run(tmp_path_factory):
 def export_in_process(argv, capsys):
     """(exit status, stdout, stderr lines) of tools/export.py run in this process."""
     capsys.readouterr()
-    code = train.run_cli(export.main, "export.py", [str(a) for a in argv])
+    code = run_cli(export.main, "export.py", [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err.strip().splitlines()
 
