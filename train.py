@@ -551,7 +551,8 @@ def train_batches(run, epoch, skip):
     """This rank's micro-batches of one epoch, without the first `skip` (mid-epoch resume).
     Workers start afresh each epoch, seeded from the main process's (checkpointed) RNG: resumed
     at an epoch's start, a run sees the same augmentations as an uninterrupted one (mid-epoch,
-    with workers, new ones for the rest of that epoch)."""
+    with workers, new ones for the rest of that epoch). Persistent workers would carry their RNG
+    from epoch to epoch, where no checkpoint holds it, and lose that."""
     run.sampler.set_epoch(epoch)
     indices = list(run.sampler)[skip * run.micro_batch:]  # a list of indices is a sampler too
     return iter(loader(run.train_set, run.micro_batch, run.workers, run.device,

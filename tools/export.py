@@ -25,7 +25,6 @@ torchvision_twin() builds torchvision's model of a variant and torchvision_state
 our weights for it; tools/bench.py and the tests use both.
 """
 
-import contextlib
 import os
 import re
 import stat
