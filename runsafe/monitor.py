@@ -18,6 +18,7 @@ from .folder import write_lines
 from .images import MAX_UNREADABLE_IN_A_ROW, warn_unreadable
 
 CHECK_EVERY = 20
+tqdm.monitor_interval = 0  # no monitor thread of tqdm's alive when DataLoaders fork their workers
 
 
 def new_progress():

@@ -486,12 +486,16 @@ def write_slurm(args, plan):
 
 def task_outcome(run, folder, code, since, signalled):
     """(outcome, detail) of a Slurm task whose train.py ended with status `code`: the run's log
-    says finished or diverged; otherwise a status of 0 is a clean stop (the script signals
-    train.py's processes, not torchrun, which then exits 0 too), and so is a signal before
-    train.py began the run; anything else failed."""
+    says finished or diverged; otherwise a status of 0 is a clean stop, and so is a signal
+    after which the run wrote its checkpoint (torchrun, signalled too by a plain scancel, exits
+    1 however cleanly its ranks stopped) or before train.py began the run; anything else
+    failed."""
     status, _, detail, _ = read_status(run, folder, {})
     if status in ("finished", "diverged", "unreadable"):
         return ("failed" if status == "unreadable" else status), detail
+    checkpoint = os.path.join(folder, "checkpoint.pt")
+    if signalled and os.path.exists(checkpoint) and os.path.getmtime(checkpoint) >= since - 1:
+        return "stopped", f"by {signalled}, with a checkpoint"
     if code == 0:
         return "stopped", ""
     if code == FolderInUse.status:
