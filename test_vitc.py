@@ -620,6 +620,7 @@ def precise_bn_rank(rank, init_file, batches):  # one of two gloo ranks (torch.m
     dist.destroy_process_group()
 
 
+@slow  # two gloo ranks
 def test_precise_bn_averages_over_ranks_and_every_rank_holds_the_result(tmp_path):
     torch.manual_seed(2)
     batches = [[torch.randn(4, 3, 32, 32) + rank for _ in range(2)] for rank in range(2)]

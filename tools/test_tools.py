@@ -40,7 +40,7 @@ import train  # noqa: E402
 import vitc  # noqa: E402
 from test_vitc import (  # noqa: E402, F401  (fixtures: a tiny ImageFolder, no files left behind)
     HERE, assert_same_logits, data, load, load_tool, no_leftovers, read_jsonl, read_log,
-    readme_python_blocks, write_images)
+    readme_python_blocks, slow, write_images)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,6 +51,7 @@ bench = load_tool("bench")
 NO_GPU = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU path, also on a machine with GPUs
 
 
+@slow  # launches whole runs or benchmarks: VITC_SLOW=1
 def test_model_benchmark_runs_on_the_cpu_and_prints_its_table():
     run = subprocess.run([sys.executable, str(HERE / "tools" / "bench.py"), "--models",
                           "vitp_1gf", "vitc_1gf", "--batch-size", "2", "--img-size", "32",
@@ -103,6 +104,7 @@ def test_gpu_check_refuses_without_a_gpu():
         "to check"]
 
 
+@slow  # launches whole runs or benchmarks: VITC_SLOW=1
 def test_loader_benchmark_times_each_stage_and_the_cores_a_gpu_needs(tmp_path):
     bench = [sys.executable, str(HERE / "tools" / "bench.py"), "--loader"]
     run = subprocess.run([*bench, str(tmp_path / "jpegs"), "--make-jpegs", "6", "--images", "4",
@@ -399,6 +401,7 @@ def test_plots_without_matplotlib_say_how_to_get_it(tmp_path, capsys, monkeypatc
     assert code == 0 and "vitc_1gf" in text and "no plots: plots need matplotlib" in err[0]
 
 
+@slow  # launches whole runs or benchmarks: VITC_SLOW=1
 def test_sweep_launches_locally_resumes_and_reports(data, tmp_path, capsys):
     """3 tiny runs of 2 epochs with --stop-after 1: the first launch ends each after one epoch,
     the second resumes each to its end, the third finds them finished; then the report."""
@@ -424,6 +427,7 @@ def test_sweep_launches_locally_resumes_and_reports(data, tmp_path, capsys):
     assert code == 0 and f"{out}: 3 runs: 3 finished" in text and "EDF" in text
 
 
+@slow  # launches whole runs or benchmarks: VITC_SLOW=1
 def test_a_signal_stops_the_local_sweep_after_its_run_checkpoints(tmp_path):
     out = tmp_path / "s"
     cmd = [sys.executable, str(HERE / "tools" / "sweep.py"), "sample", "--model", "vitc_1gf",
@@ -949,6 +953,7 @@ def test_regenerating_leaves_out_tasks_slurm_still_has_and_removes_a_spent_scrip
            "twice" in err[0] and "#SBATCH --array=1,2\n" in script.read_text()
 
 
+@slow  # launches whole runs or benchmarks: VITC_SLOW=1
 def test_the_slurm_script_records_each_task_outcome_also_without_slurm(data, tmp_path, capsys,
                                                                        monkeypatch):
     # The generated script run by bash as Slurm would run two array tasks: the first finishes,
