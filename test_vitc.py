@@ -1370,6 +1370,19 @@ def test_a_log_lost_after_its_checkpoint_is_written_again_on_resume(data, tmp_pa
     assert log[0] == ckpt["history"][0] and [r["epoch"] for r in log] == [1, 2]
 
 
+def test_lines_appended_by_processes_at_once_are_all_kept(tmp_path):
+    # A sweep's Slurm tasks add their outcomes to one slurm.jsonl, at the same time.
+    path = tmp_path / "slurm.jsonl"
+    writer = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from runsafe import folder\n"
+              f"for i in range(100): folder.append_line({str(path)!r}, {{'w': sys.argv[1], 'i': i}})")
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(started([sys.executable, "-c", writer, str(w)]))
+                 for w in range(4)]
+        assert [proc.wait(timeout=60) for proc in procs] == [0] * 4
+    assert sorted((r["w"], r["i"]) for r in read_jsonl(path)) == [
+        (str(w), i) for w in range(4) for i in range(100)]
+
+
 def test_a_write_cut_short_by_a_full_disk_leaves_the_old_file_whole(tmp_path):
     path = tmp_path / "log.jsonl"
     folder.write_lines(str(path), [{"epoch": 1}])
@@ -1383,7 +1396,7 @@ def test_a_write_cut_short_by_a_full_disk_leaves_the_old_file_whole(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         signal.signal(signal.SIGXFSZ, handler)
     assert path.read_text() == '{"epoch": 1}\n' and not list(tmp_path.glob("*.tmp"))
-    folder.append_line(str(path), {"epoch": 2})
+    folder.write_lines(str(path), [{"epoch": 1}, {"epoch": 2}])
     assert read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
 
 

@@ -64,7 +64,17 @@ def read_lines(path):
 
 
 def append_line(path, record):
-    write_lines(path, read_lines(path) + [record])
+    """Appends one JSON line in one O_APPEND write: writers at the same time (a sweep's Slurm
+    tasks, each adding its outcome to one file) neither lose nor mix their lines."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def lock(folder):

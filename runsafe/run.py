@@ -153,7 +153,8 @@ def started(run, argv):
                 folder.lock(args.out)
                 if run.history:
                     folder.write_lines(path(run, "log.jsonl"), run.history)
-                folder.append_line(path(run, "args.jsonl"), invocation(run, argv))
+                args_jsonl = path(run, "args.jsonl")  # rewritten whole, as every file here
+                folder.write_lines(args_jsonl, folder.read_lines(args_jsonl) + [invocation(run, argv)])
             except OSError as e:
                 raise RunError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
     args.out = all_gather(args.out)[0]

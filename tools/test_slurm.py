@@ -140,7 +140,9 @@ def test_a_cpu_array_in_a_path_with_a_space_finishes_and_is_reported(cluster, da
     assert '#SBATCH --output="' in script and "%%x" in script
     job = submit(out / "sweep.sbatch")
     wait_ended(job)
-    assert finished_jobs(cluster, job) == {0: ("COMPLETED", "0:0"), 1: ("COMPLETED", "0:0")}
+    outputs = "".join(p.read_text()[-1500:] for p in sorted(out.glob(f"slurm-{job}_*.out")))
+    assert finished_jobs(cluster, job) == {0: ("COMPLETED", "0:0"), 1: ("COMPLETED", "0:0")}, \
+        outputs
     ends = read_jsonl(out / "slurm.jsonl")
     assert sorted((e["run"], e["outcome"], e["exit"]) for e in ends) == [
         ("run-000", "finished", 0), ("run-001", "finished", 0)]
