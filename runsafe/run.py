@@ -143,7 +143,7 @@ def started(run, argv):
     summary printed (and, when resuming, where it continues and what changed). Unlocked after."""
     args = run.args
     if any_rank(signals.requested() is not None, run.device):
-        raise Stopped(f"stopped by {signals.requested() or 'a signal to another rank'} before "
+        raise Stopped(f"{stopped_by()} before "
                       f"training began, nothing written; run the same command again to train")
     with agreed():
         if run.rank == 0:
@@ -215,10 +215,14 @@ def summary(run):
         print(f"changed since the checkpoint: {', '.join(changed)}")
 
 
+def stopped_by():
+    return f"stopped by {signals.requested() or 'a signal to another rank'}"
+
+
 def stop(run, why=None):
     """Says how to continue a run that stops before its end; its exit status is 0."""
     if run.rank == 0:
-        why = why or f"stopped by {signals.requested() or 'a signal to another rank'}"
+        why = why or stopped_by()
         print(f"{why} at step {run.step}; checkpoint {path(run)}. To continue, re-run the same "
               f"command with --out {run.args.out} --resume auto")
     return 0
